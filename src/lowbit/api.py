@@ -1,0 +1,231 @@
+"""The public Python API: quantize, load, evaluate, bench, inspect_model."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lowbit.data import Dataset, as_dataset
+from lowbit.errors import DataError, ValidationError
+from lowbit.fileio import write_bytes_atomic, write_json_atomic
+from lowbit.onnx.load import load_model, read_model
+from lowbit.quant.scheme import QuantizeConfig
+from lowbit.runtime.session import cpu_info, input_specs_of_model, make_session, versions
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class QuantizedModel:
+    """A quantized ONNX model with its verification report.
+
+    >>> qm = lowbit.quantize("model.onnx", "calib.npz")      # doctest: +SKIP
+    >>> qm.save("model.int8.onnx")   # also writes report.json beside it  # doctest: +SKIP
+    """
+
+    def __init__(self, model: onnx.ModelProto, float_model: onnx.ModelProto,
+                 report: dict[str, Any]) -> None:
+        self.model = model
+        self.float_model = float_model
+        self.report = report
+
+    def save(self, path: str | os.PathLike[str], *, report: bool = True) -> Path:
+        """Write the model (atomically) and ``report.json`` in the same folder."""
+        out = Path(path)
+        data = self.model.SerializeToString()
+        write_bytes_atomic(out, data)
+        self.report["output"] = {"path": str(out), "size_bytes": out.stat().st_size}
+        if "input" in self.report and self.report["input"].get("size_bytes"):
+            self.report["output"]["size_ratio"] = round(
+                self.report["input"]["size_bytes"] / max(1, out.stat().st_size), 3)
+        if report:
+            write_json_atomic(out.parent / "report.json", self.report)
+        return out
+
+    def run(self, inputs: dict[str, np.ndarray] | np.ndarray, *, threads: int = 1) -> list[Any]:
+        session = make_session(self.model, threads=threads)
+        if not isinstance(inputs, dict):
+            inputs = {session.get_inputs()[0].name: np.asarray(inputs)}
+        return list(session.run(None, inputs))
+
+
+def _is_torch_module(obj: Any) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(obj, torch.nn.Module)
+
+
+def _first_batch(data: Any) -> Any:
+    if isinstance(data, tuple) and len(data) == 2:
+        return data[0]
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if k not in ("y", "labels", "label")}
+    if isinstance(data, (str, os.PathLike)):
+        from lowbit.data import load_npz
+
+        arrays = load_npz(data)
+        return arrays.get("x", next(iter(arrays.values())))
+    if isinstance(data, np.ndarray) or hasattr(data, "detach"):
+        return data
+    for batch in data:
+        return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+    raise DataError("data is empty")
+
+
+def resolve_model(model: Any, data: Any) -> tuple[onnx.ModelProto, str, int | None]:
+    """(normalised float ONNX model, display name, size on disk if a file)."""
+    if _is_torch_module(model):
+        from lowbit.torch.export import export_module
+
+        sample = _first_batch(data)
+        if isinstance(sample, dict):
+            names = list(sample)
+            proto = export_module(model, tuple(np.asarray(sample[k])[:2] for k in names),
+                                  input_names=names)
+        else:
+            arr = sample.detach().cpu().numpy() if hasattr(sample, "detach") else np.asarray(sample)
+            proto = export_module(model, arr[:2])
+        normalised, _ = load_model(proto)
+        return normalised, type(model).__name__, len(proto.SerializeToString())
+    if isinstance(model, onnx.ModelProto):
+        normalised, name = load_model(model)
+        return normalised, name, len(model.SerializeToString())
+    if isinstance(model, (str, os.PathLike)):
+        normalised, name = load_model(model)
+        return normalised, name, Path(model).stat().st_size
+    raise ValidationError(
+        f"model must be an ONNX file path, an onnx.ModelProto or a torch.nn.Module, "
+        f"not {type(model).__name__}")
+
+
+def split_holdout(data: Dataset, fraction: float, cap: int) -> tuple[Dataset, Dataset, bool]:
+    """(calibration, verification, verification_is_separate)."""
+    n = data.num_samples
+    if n < 2 or fraction <= 0:
+        return data, data, False
+    hold = min(max(1, int(round(n * fraction))), n - 1)
+    calib = data.take(0, min(n - hold, cap))
+    verify = data.take(n - hold, n)
+    verify.source = f"{data.source} (last {hold} samples, held back from calibration)"
+    return calib, verify, True
+
+
+def quantize(
+    model: Any,
+    data: Any,
+    *,
+    mode: str = "auto",
+    calibration: str = "auto",
+    eval_data: Any = None,
+    config: QuantizeConfig | None = None,
+    strict: bool = False,
+    threads: int = 1,
+    batch: int = 8,
+    verify: bool = True,
+    progress: ProgressFn | None = None,
+) -> QuantizedModel:
+    """INT8 post-training quantization of an ONNX model or a torch module.
+
+    ``data`` calibrates (an .npz path, arrays, ``(x, y)``, a dict by input name,
+    or a DataLoader); ``eval_data`` (same forms) verifies. Without ``eval_data``
+    the last 20% of ``data`` is held back for verification.
+
+    >>> qm = quantize("model.onnx", "calib.npz", mode="static")   # doctest: +SKIP
+    >>> qm.report["verification"]["agreement"]["top1_agreement"]  # doctest: +SKIP
+    """
+    from lowbit.onnx.quantize import quantize_onnx
+    from lowbit.report.verify import verify as run_verification
+
+    if config is None:
+        config = QuantizeConfig(mode=mode, calibration=calibration, strict=strict)  # type: ignore[arg-type]
+    if int(threads) < 1:
+        raise ValidationError(f"option threads: {threads} must be >= 1")
+    if int(batch) < 1:
+        raise ValidationError(f"option batch: {batch} must be >= 1")
+    t0 = time.perf_counter()
+    float_model, name, in_size = resolve_model(model, data)
+    specs = input_specs_of_model(float_model)
+    limit = config.max_calibration_samples * 2 + 1024
+    dataset = as_dataset(data, specs, limit=limit)
+    if eval_data is not None:
+        calib = dataset.take(0, min(dataset.num_samples, config.max_calibration_samples))
+        holdout, separate = as_dataset(eval_data, specs), True
+    else:
+        calib, holdout, separate = split_holdout(dataset, config.holdout_fraction,
+                                                 config.max_calibration_samples)
+    outcome = quantize_onnx(float_model, calib, config, progress=progress, threads=threads)
+    report: dict[str, Any] = {
+        "tool": "lowbit quantize",
+        "input": {"model": name, "size_bytes": in_size},
+        "config": config.to_dict(),
+        "mode_by_op": outcome.treatments,
+        "calibration": {
+            "method": outcome.method.value if outcome.method else None,
+            "requested": config.calibration.value,
+            "sqnr_db_by_method": outcome.method_sqnr_db,
+            "samples": outcome.calibration_samples,
+            "source": calib.source,
+        },
+        "nodes": {"counts": outcome.plan.counts(),
+                  "decisions": [d.to_dict() for d in outcome.plan.decisions]},
+        "warnings": outcome.warnings,
+        "seconds": {k: round(v, 3) for k, v in outcome.seconds.items()},
+    }
+    if verify:
+        if progress is not None:
+            progress("verifying", 0, 1)
+        result = run_verification(float_model, outcome.model, holdout, threads=threads, batch=batch)
+        if not separate:
+            result["agreement"]["note"] = ("only one sample was given: verification reuses the "
+                                           "calibration data")
+        report["verification"] = result
+        if progress is not None:
+            progress("verifying", 1, 1)
+    report["environment"] = {**cpu_info(), **versions()}
+    report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    return QuantizedModel(outcome.model, float_model, report)
+
+
+def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read and check a model file lowbit can use (ONNX)."""
+    return read_model(path)
+
+
+def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,
+             threads: int = 1) -> dict[str, Any]:
+    """Accuracy (with labels) and the outputs' shapes on ``data``."""
+    from lowbit.report.metrics import accuracy
+    from lowbit.report.verify import run_all
+
+    proto = read_model(model) if not isinstance(model, onnx.ModelProto) else model
+    session = make_session(proto, threads=threads, name=str(model) if not isinstance(
+        model, onnx.ModelProto) else "model")
+    from lowbit.runtime.session import input_specs
+
+    dataset = as_dataset(data, input_specs(session))
+    outputs = run_all(session, dataset)
+    result: dict[str, Any] = {"samples": dataset.num_samples,
+                              "output_shapes": [list(o.shape) for o in outputs]}
+    if dataset.labels is not None:
+        result["accuracy"] = accuracy(outputs[0], dataset.labels)
+    return result
+
+
+def bench(models: list[str | os.PathLike[str]], *, data: Any = None, batch: int = 8,
+          threads: int = 1, iterations: int = 50) -> dict[str, Any]:
+    from lowbit.runtime.bench import bench_models
+
+    return bench_models(models, data=data, batch=batch, threads=threads, iterations=iterations)
+
+
+def inspect_model(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from lowbit.inspect import inspect_file
+
+    return inspect_file(path)

@@ -1,0 +1,234 @@
+"""The ``lowbit`` command line: ``lowbit <verb> MODEL -o OUT [options]``.
+
+Exit codes: 0 success, 1 the work failed (e.g. ``--require`` not met),
+2 a usage or input error. Errors print one line; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from lowbit.errors import LowbitError, TargetNotMetError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Make trained neural networks smaller and faster, and prove it.")
+out_console = Console()
+err_console = Console(stderr=True)
+_DEBUG = {"on": False}
+
+
+@contextmanager
+def _progress(enabled: bool) -> Any:
+    """Yields a callback (stage, done, total) that drives a rich progress bar."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=err_console, transient=True) as bar:
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _emit(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("lowbit-demo"), "-o", "--output", help="Output folder."),
+    epochs: int = typer.Option(15, help="Training epochs."),
+    seed: int = typer.Option(0, help="Seed for the split, training and calibration sample."),
+    batch: int = typer.Option(64, help="Batch size for the latency measurement."),
+    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
+    quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Train a small CNN on the bundled digits, quantize it to INT8, verify and compare.
+
+    Example: lowbit demo -o lowbit-demo
+    """
+    from lowbit.demo import run_demo
+
+    show = not quiet and not as_json
+    with _progress(show) as update:
+        def on_epoch(done: int, total: int, loss: float) -> None:
+            if update is not None:
+                update(f"training (loss {loss:.3f})", done, total)
+        report = run_demo(output, epochs=epochs, seed=seed, threads=threads, batch=batch,
+                          on_epoch=on_epoch, progress=update)
+    if show:
+        from lowbit.report.table import render_quantize
+
+        render_quantize(report, out_console, title="digits CNN: float vs INT8")
+        out_console.print(f"wrote {output}/digits_cnn.float.onnx, {output}/digits_cnn.int8.onnx, "
+                          f"{output}/report.json in {report['seconds']['demo_total']:.1f} s")
+    _emit(report, as_json)
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="Float ONNX model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the INT8 model."),
+    data: Path = typer.Option(..., "--data", help=".npz calibration data: 'x' (and 'y'), or "
+                              "arrays named after the model's inputs."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help=".npz verification data; "
+                                          "default: the last 20% of --data, held back."),
+    mode: str = typer.Option("auto", help="auto | static | dynamic"),
+    calibration: str = typer.Option("auto", help="auto | minmax | percentile | mse | entropy"),
+    strict: bool = typer.Option(False, "--strict", help="Fail if an operator is not supported."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Node name to keep in float "
+                                      "(repeatable)."),
+    max_samples: int = typer.Option(256, "--max-samples", help="Calibration samples at most."),
+    batch: int = typer.Option(8, help="Batch size for the latency measurement."),
+    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
+    require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a "
+                                 "degradation or a slowdown."),
+    quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Quantize an ONNX model to INT8 (static QDQ and/or dynamic), verify, and report.
+
+    Example: lowbit quantize model.onnx -o model.int8.onnx --data calib.npz
+    """
+    from lowbit.api import quantize as api_quantize
+    from lowbit.quant.scheme import QuantizeConfig
+
+    config = QuantizeConfig(mode=mode, calibration=calibration, strict=strict,  # type: ignore[arg-type]
+                            exclude_nodes=tuple(exclude), max_calibration_samples=max_samples)
+    show = not quiet and not as_json
+    with _progress(show) as update:
+        qm = api_quantize(str(model), str(data), config=config,
+                          eval_data=str(eval_data) if eval_data else None,
+                          threads=threads, batch=batch, progress=update)
+    qm.save(output)
+    if show:
+        from lowbit.report.table import render_quantize
+
+        render_quantize(qm.report, out_console)
+        out_console.print(f"wrote {output} and {output.parent / 'report.json'}")
+    _emit(qm.report, as_json)
+    flags = qm.report.get("verification", {}).get("flags", [])
+    if require and flags:
+        raise TargetNotMetError("--require: the report flags " +
+                                "; ".join(f["kind"] for f in flags))
+
+
+@app.command()
+def bench(
+    models: list[Path] = typer.Argument(..., help="ONNX models; ratios are against the first."),
+    data: Path | None = typer.Option(None, "--data", help=".npz inputs (with 'y' for accuracy)."),
+    batch: int = typer.Option(8, help="Batch size."),
+    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads."),
+    iterations: int = typer.Option(50, help="Timed runs per model (at least)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Latency (p50/p90), throughput, size and accuracy, side by side.
+
+    Example: lowbit bench model.onnx model.int8.onnx --data test.npz
+    """
+    from lowbit.api import bench as api_bench
+
+    result = api_bench([str(m) for m in models], data=str(data) if data else None,
+                       batch=batch, threads=threads, iterations=iterations)
+    if as_json:
+        _emit(result, True)
+    else:
+        from lowbit.report.table import render_bench
+
+        render_bench(result, out_console)
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Path = typer.Argument(..., help="ONNX model."),
+    data: Path = typer.Option(..., "--data", help=".npz with 'x' and 'y'."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Accuracy of a model on labelled data.
+
+    Example: lowbit eval model.int8.onnx --data test.npz
+    """
+    from lowbit.api import evaluate as api_evaluate
+
+    result = api_evaluate(str(model), str(data))
+    if as_json:
+        _emit(result, True)
+    else:
+        acc = result.get("accuracy")
+        out_console.print(f"{model}: {result['samples']} samples"
+                          + (f", accuracy {100 * acc:.2f}%" if acc is not None else
+                             " (no labels 'y': no accuracy)"))
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="ONNX model."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Operators, parameters, dtypes, per-layer sizes; what is quantized and why not.
+
+    Example: lowbit inspect model.int8.onnx
+    """
+    from lowbit.inspect import inspect_file
+
+    info = inspect_file(model)
+    if as_json:
+        _emit(info, True)
+    else:
+        from lowbit.report.table import render_inspect
+
+        render_inspect(info, out_console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args.remove("--debug")
+        _DEBUG["on"] = True
+    try:
+        app(args=args, prog_name="lowbit", standalone_mode=False)
+    except LowbitError as exc:
+        if _DEBUG["on"]:
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            return int(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return int(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        if _DEBUG["on"]:
+            raise
+        err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+                          "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Reference models built in code (nothing is downloaded).
+
+- ``DigitsCNN``: the classic workflow's CNN, Conv2D(32, 3x3, relu) -> MaxPool(2)
+  -> Flatten -> Dense(10), for 8x8 single-channel digits.
+- ``VGGStyleCNN``: 3x3 conv stacks on 32x32x3 input (the INT8 speed benchmark).
+- ``MLP``: fully connected layers with ReLU (e.g. 1024-2048-2048-10).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _nn() -> Any:
+    import torch.nn as nn
+
+    return nn
+
+
+def digits_cnn() -> Any:
+    """Conv2D(32, 3x3, relu) -> MaxPool(2) -> Flatten -> Dense(10) on (N, 1, 8, 8)."""
+    nn = _nn()
+    return nn.Sequential(
+        nn.Conv2d(1, 32, kernel_size=3),  # (N, 32, 6, 6)
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # (N, 32, 3, 3)
+        nn.Flatten(),  # (N, 288)
+        nn.Linear(32 * 3 * 3, 10),
+    )
+
+
+def vgg_style_cnn(num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128),
+                  batchnorm: bool = True) -> Any:
+    """VGG-style: per stage two 3x3 convs (+BN) + ReLU, then MaxPool(2); input (N, 3, 32, 32)."""
+    nn = _nn()
+    layers: list[Any] = []
+    in_ch = 3
+    for width in widths:
+        for _ in range(2):
+            layers.append(nn.Conv2d(in_ch, width, kernel_size=3, padding=1))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU())
+            in_ch = width
+        layers.append(nn.MaxPool2d(2))
+    side = 32 // (2 ** len(widths))
+    layers += [nn.Flatten(), nn.Linear(in_ch * side * side, 256), nn.ReLU(),
+               nn.Linear(256, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def mlp(sizes: tuple[int, ...] = (1024, 2048, 2048, 10)) -> Any:
+    """Linear layers of the given sizes with ReLU between them."""
+    nn = _nn()
+    layers: list[Any] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)

@@ -1,0 +1,1 @@
+"""ONNX backend: loading, calibration through ONNX Runtime, QDQ/dynamic writers."""

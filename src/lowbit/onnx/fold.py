@@ -1,0 +1,65 @@
+"""Float graph simplifications done before quantization.
+
+BatchNormalization after a Conv is folded into the Conv's weight and bias
+(inference-time BN is an affine per-channel map), so the Conv can be
+quantized with BN's scale inside its per-channel weight scales.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from lowbit.onnx.graph import GraphIndex, NameFactory
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Return (model with Conv+BatchNormalization folded, number folded)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    index = GraphIndex(out)
+    names = NameFactory(out)
+    graph = out.graph
+    outputs = set(index.graph_outputs)
+    folded = 0
+    new_inits: list[onnx.TensorProto] = []
+    for bn in list(graph.node):
+        if bn.op_type != "BatchNormalization" or any(bn.output[1:]):
+            continue
+        conv = index.producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or conv.output[0] in outputs:
+            continue
+        if len(index.consumers.get(conv.output[0], [])) != 1:
+            continue
+        consts = [index.constant(x) for x in bn.input[1:5]]
+        w = index.constant(conv.input[1])
+        if w is None or any(c is None for c in consts):
+            continue
+        gamma, beta, mean, var = (np.asarray(c, dtype=np.float64) for c in consts)  # (C,)
+        eps = 1e-5
+        for a in bn.attribute:
+            if a.name == "epsilon":
+                eps = a.f
+        factor = gamma / np.sqrt(var + eps)  # (C,)
+        b = index.constant(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+        new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        new_b = ((b - mean) * factor + beta).astype(np.float32)
+        w_name, b_name = names(f"{conv.input[1]}_bnfolded"), names(f"{bn.name or 'bn'}_bias_folded")
+        new_inits += [numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_b, b_name)]
+        x = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([x, w_name, b_name])
+        conv.output[0] = bn.output[0]
+        graph.node.remove(bn)
+        folded += 1
+    if folded:
+        graph.initializer.extend(new_inits)
+        used = {x for n in graph.node for x in n.input}
+        keep = [t for t in graph.initializer if t.name in used or t.name in outputs]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        del graph.value_info[:]
+        out = onnx.shape_inference.infer_shapes(out)
+    return out, folded

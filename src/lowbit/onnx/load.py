@@ -1,0 +1,137 @@
+"""Load an ONNX model from disk (or take one in memory) and normalise it.
+
+Normalising means: weights held in Constant nodes become initializers,
+initializers are removed from the graph inputs (old exporters list them there,
+which stops constant folding), the default-domain opset is raised to at least
+13 (per-channel QuantizeLinear needs it), and shapes are inferred.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from lowbit.errors import ModelLoadError, ValidationError
+
+MIN_OPSET = 13
+
+
+def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read and check an ONNX file, with one clear error for each way it can be bad."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model file not found: {p}")
+    if p.is_dir():
+        raise ModelLoadError(f"model path is a folder, not a file: {p}")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"model file is empty: {p}")
+    try:
+        model = onnx.load(str(p))
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise ModelLoadError(
+            f"model file {p} is not a readable ONNX model (truncated or another format): "
+            f"{_first_line(exc)}"
+        ) from None
+    if not model.graph.node or not model.opset_import or model.ir_version <= 0:
+        raise ModelLoadError(
+            f"model file {p} is not a valid ONNX model (no graph, opset or IR version; "
+            "truncated or another format?)"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelLoadError(f"model file {p} fails the ONNX checker: {_first_line(exc)}") from None
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def normalise(model: onnx.ModelProto, *, name: str = "model") -> onnx.ModelProto:
+    """Return a normalised copy: constants as initializers, opset >= 13, shapes inferred."""
+    model = _constants_to_initializers(model)
+    init_names = {t.name for t in model.graph.initializer}
+    kept_inputs = [i for i in model.graph.input if i.name not in init_names]
+    if len(kept_inputs) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept_inputs)
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        try:
+            from onnx import version_converter
+
+            model = version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{name}: could not upgrade opset {opset} to {MIN_OPSET}: {_first_line(exc)}"
+            ) from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:
+        raise ModelLoadError(f"{name}: shape inference failed: {_first_line(exc)}") from None
+    check_finite_weights(model, name=name)
+    from lowbit.onnx.fold import fold_batchnorm
+
+    model, _ = fold_batchnorm(model)
+    return model
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    keep = []
+    moved = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            moved.append(tensor)
+        else:
+            keep.append(node)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(moved)
+    return out
+
+
+def check_finite_weights(model: onnx.ModelProto, *, name: str = "model") -> None:
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in (
+            onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+        ):
+            continue
+        arr = numpy_helper.to_array(tensor)
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise ValidationError(
+                f"{name}: weight tensor '{tensor.name}' contains {bad} NaN/inf value(s)"
+            )
+
+
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """Read (if a path) and normalise a model. Returns (model, display name)."""
+    if isinstance(source, onnx.ModelProto):
+        name = "model"
+        try:
+            onnx.checker.check_model(source)
+        except Exception as exc:
+            raise ModelLoadError(f"model fails the ONNX checker: {_first_line(exc)}") from None
+        return normalise(source, name=name), name
+    name = str(source)
+    return normalise(read_model(source), name=name), name

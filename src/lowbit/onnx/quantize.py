@@ -1,0 +1,207 @@
+"""INT8 post-training quantization of an ONNX model: plan, calibrate, choose, write."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lowbit.data import Dataset
+from lowbit.errors import DataError
+from lowbit.onnx.calibrate import calibrate
+from lowbit.onnx.graph import GraphIndex
+from lowbit.onnx.plan import QuantPlan, Treatment, build_plan
+from lowbit.onnx.qdq import write_quantized
+from lowbit.quant import affine
+from lowbit.quant.observers import HistogramObserver, select_range
+from lowbit.quant.scheme import CalibrationMethod, QuantizeConfig, QuantMode, TensorQuantParams
+from lowbit.report.metrics import sqnr_db
+from lowbit.runtime.session import make_session
+
+CONCRETE_METHODS = (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE,
+                    CalibrationMethod.MSE, CalibrationMethod.ENTROPY)
+SELECTION_SAMPLES = 64
+
+
+@dataclass
+class QuantizeOutcome:
+    model: onnx.ModelProto
+    plan: QuantPlan
+    treatments: dict[str, str]
+    method: CalibrationMethod | None
+    method_sqnr_db: dict[str, float] = field(default_factory=dict)
+    calibration_samples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def weighted_treatments(model: onnx.ModelProto, mode: QuantMode) -> dict[str, str]:
+    """What each weighted op type gets in ``mode``.
+
+    auto: Conv is always static (ONNX Runtime's ConvInteger path is several times
+    slower than float). A MatMul/Gemm is static when its input is already 8-bit
+    (the output of a quantized op, or a graph input): 8-bit data then flows
+    between layers with no re-quantization, which measured fastest (QGemm).
+    Otherwise (e.g. after LayerNorm or Softmax in a transformer) it is dynamic:
+    the input must be quantized anyway, and a per-batch range is more accurate
+    than a calibrated one. The rule is fixed, so the output is deterministic.
+    """
+    if mode is QuantMode.STATIC:
+        return {"Conv": Treatment.STATIC, "Gemm": Treatment.STATIC, "MatMul": Treatment.STATIC}
+    if mode is QuantMode.DYNAMIC:
+        return {"Conv": Treatment.FLOAT, "Gemm": Treatment.DYNAMIC, "MatMul": Treatment.DYNAMIC}
+    return {"Conv": Treatment.STATIC, "Gemm": Treatment.AUTO, "MatMul": Treatment.AUTO}
+
+
+def activation_params_for(
+    observers: dict[str, HistogramObserver],
+    plan: QuantPlan,
+    method: CalibrationMethod,
+    *,
+    percentile: float,
+    clip_caps: dict[str, tuple[float, float]],
+) -> dict[str, TensorQuantParams]:
+    out: dict[str, TensorQuantParams] = {}
+    for tensor in plan.observed:
+        lo, hi = select_range(observers[tensor], method, percentile=percentile)
+        if tensor in clip_caps:
+            cap_lo, cap_hi = clip_caps[tensor]
+            lo, hi = max(lo, cap_lo), min(hi, cap_hi)
+        out[tensor] = affine.activation_params(lo, hi)
+    return out
+
+
+def _slow_int8_convs(model: onnx.ModelProto, plan: QuantPlan,
+                     observers: dict[str, HistogramObserver], index: GraphIndex,
+                     threads: int) -> dict[str, str]:
+    """Convs that measured clearly slower in INT8 than in float, with the reason."""
+    from lowbit.onnx.plan import node_name
+    from lowbit.onnx.speed_probe import PROBE_MAX_REDUCTION, SLOWER_FACTOR, conv_int8_slowdown
+
+    static = set(plan.static_nodes)
+    slow: dict[str, str] = {}
+    for i, node in enumerate(model.graph.node):
+        name = node_name(node, i)
+        if node.op_type != "Conv" or name not in static:
+            continue
+        weight = index.constant(node.input[1])
+        obs = observers.get(node.input[0])
+        if weight is None or obs is None or obs.batch_shape is None:
+            continue
+        if int(np.prod(weight.shape[1:])) > PROBE_MAX_REDUCTION:
+            continue
+        bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        ratio, t_float, t_int8 = conv_int8_slowdown(node, weight, bias, obs.batch_shape,
+                                                    threads=threads)
+        if ratio > SLOWER_FACTOR:
+            slow[name] = (f"auto: INT8 measured {ratio:.2f}x slower than float for this Conv "
+                          f"on this CPU ({t_int8:.3f} vs {t_float:.3f} ms at input "
+                          f"{list(obs.batch_shape)})")
+    return slow
+
+
+def _outputs(session: Any, data: Dataset, batch_size: int) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = []
+    for feed in data.batches(batch_size):
+        outs = session.run(None, feed)
+        if not parts:
+            parts = [[] for _ in outs]
+        for k, o in enumerate(outs):
+            parts[k].append(np.asarray(o, dtype=np.float64))
+    return [np.concatenate(p) for p in parts]
+
+
+def quantize_onnx(
+    model: onnx.ModelProto,
+    calibration: Dataset,
+    config: QuantizeConfig,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    threads: int = 1,
+) -> QuantizeOutcome:
+    """Quantize a normalised float ONNX model with ``calibration`` data."""
+    t0 = time.perf_counter()
+    treatments = weighted_treatments(model, config.mode)
+    plan = build_plan(model, weighted_treatment=treatments, exclude=config.exclude_nodes,
+                      strict=config.strict)
+    seconds: dict[str, float] = {"plan": time.perf_counter() - t0}
+    warnings: list[str] = []
+    if not plan.static_nodes and not plan.dynamic_nodes:
+        warnings.append("no operator was quantized; the output equals the input model")
+    index = GraphIndex(model)
+    clip_caps: dict[str, tuple[float, float]] = {}
+    for fold in plan.folds:
+        if fold.clip is not None:
+            clip_caps[fold.output] = fold.clip
+    needs_calibration = bool(plan.observed)
+    meta = {"mode": config.mode.value, "treatments": treatments}
+    if not needs_calibration:
+        qmodel = write_quantized(model, plan, {}, per_channel=config.per_channel, metadata=meta)
+        return QuantizeOutcome(qmodel, plan, treatments, None, {}, 0, seconds, warnings)
+
+    calib = calibration.take(0, min(calibration.num_samples, config.max_calibration_samples))
+    total = calib.num_samples
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress("calibrating", done[0], total)
+
+    t1 = time.perf_counter()
+    observers = calibrate(model, calib, plan.observed, batch_size=config.batch_size,
+                          threads=threads, progress=step)
+    seconds["calibrate"] = time.perf_counter() - t1
+    nonfinite = sorted(t for t, o in observers.items() if o.nonfinite)
+    if nonfinite:
+        raise DataError(
+            f"{calibration.source}: the float model produces NaN/inf in tensor(s) "
+            f"{', '.join(nonfinite[:5])} on the calibration data"
+        )
+    if config.mode is QuantMode.AUTO:
+        slow = _slow_int8_convs(model, plan, observers, index, threads)
+        if slow:
+            plan = build_plan(model, weighted_treatment=treatments, exclude=config.exclude_nodes,
+                              keep_float=slow, strict=config.strict)
+            missing = [t for t in plan.observed if t not in observers]
+            if missing:
+                observers.update(calibrate(model, calib, missing, batch_size=config.batch_size,
+                                           threads=threads))
+            clip_caps = {f.output: f.clip for f in plan.folds if f.clip is not None}
+            if not plan.observed:
+                qmodel = write_quantized(model, plan, {}, per_channel=config.per_channel,
+                                         metadata=meta)
+                return QuantizeOutcome(qmodel, plan, treatments, None, {}, total, seconds, warnings)
+    del index
+    methods = list(CONCRETE_METHODS) if config.calibration is CalibrationMethod.AUTO \
+        else [config.calibration]
+    scores: dict[str, float] = {}
+    best: tuple[float, CalibrationMethod, onnx.ModelProto] | None = None
+    t2 = time.perf_counter()
+    if len(methods) > 1:
+        selection = calib.take(0, min(total, SELECTION_SAMPLES))
+        reference = _outputs(make_session(model, threads=threads), selection, config.batch_size)
+    for k, method in enumerate(methods):
+        params = activation_params_for(observers, plan, method, percentile=config.percentile,
+                                       clip_caps=clip_caps)
+        qmodel = write_quantized(model, plan, params, per_channel=config.per_channel,
+                                 metadata={**meta, "calibration": method.value})
+        if len(methods) == 1:
+            best = (0.0, method, qmodel)
+            break
+        outs = _outputs(make_session(qmodel, threads=threads, name="quantized candidate"),
+                        selection, config.batch_size)
+        score = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
+        scores[method.value] = round(score, 3)
+        if best is None or score > best[0]:
+            best = (score, method, qmodel)
+        if progress is not None:
+            progress("choosing calibration", k + 1, len(methods))
+    seconds["choose_and_write"] = time.perf_counter() - t2
+    if best is None:
+        raise RuntimeError("internal: no calibration candidate was produced")
+    return QuantizeOutcome(best[2], plan, treatments, best[1], scores, total, seconds, warnings)

@@ -1,0 +1,173 @@
+"""Streaming range observers and the calibration methods built on them.
+
+An ``HistogramObserver`` sees activations batch by batch and keeps only the
+exact min/max and a fixed-size histogram over a symmetric range [-R, R]. When
+a batch exceeds R, R doubles and neighbouring bins merge (exact, no
+re-binning error), so memory per tensor is constant however many samples pass.
+
+Range selection (``select_range``) reads the histogram:
+- minmax: the exact observed [min, max];
+- percentile: the p-th and (100-p)-th percentiles;
+- mse: the clipping range that minimises the expected squared quantization
+  error over the histogram;
+- entropy: the clipping range that minimises the KL divergence between the
+  histogram and its quantized version (the TensorRT calibration idea,
+  generalised here to asymmetric ranges).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.quant.scheme import CalibrationMethod
+
+NUM_BINS = 4096  # over [-R, R]; even, so the centre bin boundary is 0
+_CANDIDATE_FRACTIONS = np.linspace(0.05, 1.0, 96)
+
+
+class HistogramObserver:
+    """Exact min/max plus a mergeable histogram of one tensor's values."""
+
+    def __init__(self, num_bins: int = NUM_BINS) -> None:
+        if num_bins % 4:
+            raise ValueError("num_bins must be a multiple of 4")
+        self.num_bins = num_bins
+        self.min = np.inf
+        self.max = -np.inf
+        self.radius = 0.0
+        self.counts = np.zeros(num_bins, dtype=np.int64)
+        self.nonfinite = 0
+        self.seen = 0
+        self.batch_shape: tuple[int, ...] | None = None  # shape of the first batch seen
+
+    def update(self, values: np.ndarray) -> None:
+        arr = np.asarray(values, dtype=np.float32)
+        if self.batch_shape is None:
+            self.batch_shape = tuple(arr.shape)
+        x = arr.reshape(-1)
+        if x.size == 0:
+            return
+        finite = np.isfinite(x)
+        if not finite.all():
+            self.nonfinite += int((~finite).sum())
+            x = x[finite]
+            if x.size == 0:
+                return
+        lo, hi = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.seen += x.size
+        absmax = max(abs(lo), abs(hi))
+        if self.radius == 0.0:
+            self.radius = absmax if absmax > 0 else 1.0
+        while absmax > self.radius:
+            self._double()
+        width = 2.0 * self.radius / self.num_bins
+        idx = np.floor((x.astype(np.float64) + self.radius) / width).astype(np.int64)
+        np.clip(idx, 0, self.num_bins - 1, out=idx)
+        self.counts += np.bincount(idx, minlength=self.num_bins)
+
+    def _double(self) -> None:
+        merged = self.counts.reshape(-1, 2).sum(axis=1)  # num_bins/2 bins over [-2R, 2R]/2
+        quarter = self.num_bins // 4
+        fresh = np.zeros_like(self.counts)
+        fresh[quarter : quarter + merged.size] = merged
+        self.counts = fresh
+        self.radius *= 2.0
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.radius, self.radius, self.num_bins + 1)
+
+    @property
+    def centers(self) -> np.ndarray:
+        e = self.edges
+        return (e[:-1] + e[1:]) / 2.0
+
+    def empty(self) -> bool:
+        return self.seen == 0
+
+
+def _quantile(obs: HistogramObserver, q: float) -> float:
+    cdf = np.cumsum(obs.counts) / max(1, obs.counts.sum())
+    i = int(np.searchsorted(cdf, q, side="left"))
+    i = min(max(i, 0), obs.num_bins - 1)
+    return float(obs.edges[i + 1] if q > 0.5 else obs.edges[i])
+
+
+def _candidates(obs: HistogramObserver) -> list[tuple[float, float]]:
+    lo, hi = min(obs.min, 0.0), max(obs.max, 0.0)
+    return [(lo * f, hi * f) for f in _CANDIDATE_FRACTIONS]
+
+
+def _mse_of_range(obs: HistogramObserver, lo: float, hi: float, levels: int) -> float:
+    centers, counts = obs.centers, obs.counts
+    scale = (hi - lo) / (levels - 1)
+    if scale <= 0:
+        return float(np.sum(counts * centers**2))
+    zp = np.round(-lo / scale)
+    q = np.clip(np.round(centers / scale) + zp, 0, levels - 1)
+    deq = (q - zp) * scale
+    return float(np.sum(counts * (deq - centers) ** 2))
+
+
+def _kl_of_range(obs: HistogramObserver, lo: float, hi: float, levels: int) -> float:
+    """KL(P || Q) as in TensorRT's entropy calibration, for a range [lo, hi].
+
+    P is the histogram inside the range with the clipped outliers added to its
+    edge bins; Q is the in-range histogram *without* the outliers, merged into
+    ``levels`` quantization bins and spread back evenly over the non-empty
+    source bins. Clipping too much puts mass into P's edges that Q lacks;
+    clipping too little makes Q coarse: the minimum balances the two.
+    """
+    centers, counts = obs.centers, obs.counts.astype(np.float64)
+    inside = (centers >= lo) & (centers <= hi)
+    if inside.sum() < 2:
+        return float("inf")
+    first, last = int(np.argmax(inside)), int(len(inside) - np.argmax(inside[::-1]) - 1)
+    in_range = counts[first : last + 1]
+    p = in_range.copy()
+    p[0] += counts[:first].sum()
+    p[-1] += counts[last + 1 :].sum()
+    n = p.size
+    groups = np.minimum((np.arange(n) * levels) // n, levels - 1)
+    nonzero = in_range > 0
+    group_mass = np.bincount(groups, weights=in_range, minlength=levels)
+    group_nonzero = np.bincount(groups, weights=nonzero.astype(np.float64), minlength=levels)
+    q = np.where(nonzero, group_mass[groups] / np.maximum(group_nonzero[groups], 1), 0.0)
+    p_sum, q_sum = p.sum(), q.sum()
+    if p_sum == 0 or q_sum == 0:
+        return float("inf")
+    p, q = p / p_sum, q / q_sum
+    mask = p > 0
+    # Where P has mass that Q lacks (an outlier-laden edge bin that was empty
+    # before), use a small floor instead of an infinite penalty.
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-9))))
+
+
+def select_range(
+    obs: HistogramObserver,
+    method: CalibrationMethod,
+    *,
+    bits: int = 8,
+    percentile: float = 99.99,
+) -> tuple[float, float]:
+    """The (lo, hi) range ``method`` picks for an observed tensor; contains 0."""
+    if obs.empty():
+        return 0.0, 0.0
+    lo, hi = min(obs.min, 0.0), max(obs.max, 0.0)
+    levels = 2**bits
+    if method is CalibrationMethod.MINMAX or lo == hi:
+        return lo, hi
+    if method is CalibrationMethod.PERCENTILE:
+        tail = 1.0 - percentile / 100.0
+        plo = _quantile(obs, tail) if obs.min < 0 else obs.min
+        phi = _quantile(obs, 1.0 - tail) if obs.max > 0 else obs.max
+        return min(max(plo, lo), 0.0), max(min(phi, hi), 0.0)
+    if method is CalibrationMethod.MSE:
+        errors = [_mse_of_range(obs, a, b, levels) for a, b in _candidates(obs)]
+    elif method is CalibrationMethod.ENTROPY:
+        errors = [_kl_of_range(obs, a, b, levels) for a, b in _candidates(obs)]
+    else:
+        raise ValueError(f"no range rule for calibration method {method}")
+    best = int(np.argmin(errors))
+    return _candidates(obs)[best]

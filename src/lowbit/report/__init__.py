@@ -1,0 +1,1 @@
+"""Verification metrics, the report record, and its tables."""

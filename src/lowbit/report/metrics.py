@@ -1,0 +1,42 @@
+"""Agreement between float and compressed outputs; plain numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB; +inf when identical, capped at 200."""
+    ref = np.asarray(reference, dtype=np.float64)
+    err = ref - np.asarray(approx, dtype=np.float64)
+    noise = float(np.sum(err * err))
+    signal = float(np.sum(ref * ref))
+    if noise == 0.0:
+        return 200.0
+    if signal == 0.0:
+        return -200.0
+    return float(min(200.0, 10.0 * np.log10(signal / noise)))
+
+
+def mean_cosine(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Mean over samples (first axis) of the cosine similarity of flattened outputs."""
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    app = np.asarray(approx, dtype=np.float64).reshape(len(approx), -1)
+    num = np.sum(ref * app, axis=1)
+    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(app, axis=1)
+    cos = np.where(den > 0, num / np.where(den > 0, den, 1.0),
+                   np.where(np.all(ref == app, axis=1), 1.0, 0.0))
+    return float(np.mean(cos))
+
+
+def top1_agreement(reference: np.ndarray, approx: np.ndarray) -> float | None:
+    """Fraction of samples whose arg-max class agrees; None if outputs are not class scores."""
+    if reference.ndim != 2 or reference.shape[1] < 2:
+        return None
+    return float(np.mean(np.argmax(reference, axis=1) == np.argmax(approx, axis=1)))
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+        return None
+    return float(np.mean(np.argmax(scores, axis=1) == labels.reshape(-1)))

@@ -1,0 +1,89 @@
+"""Human-readable tables of reports (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def render_quantize(report: dict[str, Any], console: Console, title: str = "float vs INT8") -> None:
+    ver = report.get("verification", {})
+    ag = ver.get("agreement", {})
+    lat = ver.get("latency", {})
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("float", justify="right")
+    table.add_column("INT8", justify="right")
+    acc = ag.get("accuracy")
+    if acc:
+        table.add_row("test accuracy", _pct(acc["float"]), _pct(acc["compressed"]))
+    if ag.get("top1_agreement") is not None:
+        table.add_row("top-1 agreement with float", "100.00%", _pct(ag["top1_agreement"]))
+    if "sqnr_db" in ag:
+        table.add_row("output SQNR / cosine", "-", f"{ag['sqnr_db']:.1f} dB / {ag['cosine']:.4f}")
+    size_in = report.get("input", {}).get("size_bytes")
+    size_out = report.get("output", {}).get("size_bytes")
+    table.add_row("size on disk", fmt_bytes(size_in), fmt_bytes(size_out))
+    if lat:
+        label = f"latency p50 (batch {lat['batch']}, {lat['threads']} thread)"
+        table.add_row(label, f"{lat['float']['p50_ms']:.3f} ms", f"{lat['compressed']['p50_ms']:.3f} ms")
+        table.add_row("speedup", "1.00x", f"{lat['speedup']:.2f}x")
+    console.print(table)
+    cal = report.get("calibration", {})
+    counts = report.get("nodes", {}).get("counts", {})
+    console.print(
+        f"calibration: {cal.get('method')} ({cal.get('samples')} samples"
+        + (f"; SQNR by method: {cal['sqnr_db_by_method']}" if cal.get("sqnr_db_by_method") else "")
+        + f"); nodes: {counts}")
+    for flag in ver.get("flags", []):
+        console.print(f"[yellow]warning ({flag['kind']}):[/yellow] {flag['message']}")
+    for note in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {note}")
+
+
+def render_bench(result: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"batch {result['batch']}, {result['threads']} intra-op thread(s)")
+    for col in ("model", "size", "p50 ms", "p90 ms", "samples/s", "speedup", "size ratio",
+                "accuracy"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in result["models"]:
+        lat = row["latency"]
+        table.add_row(row["model"], fmt_bytes(row["size_bytes"]), f"{lat['p50_ms']:.3f}",
+                      f"{lat['p90_ms']:.3f}", f"{lat['throughput_per_s']:.0f}",
+                      f"{row['speedup_vs_first']:.2f}x", f"{row['size_ratio_vs_first']:.2f}x",
+                      _pct(row.get("accuracy")))
+    console.print(table)
+
+
+def render_inspect(info: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]{info['model']}[/bold]: {fmt_bytes(info['size_bytes'])} on disk, "
+                  f"{info['parameters']:,} parameters, opsets {info['opsets']}")
+    console.print(f"inputs: {info['inputs']}")
+    console.print(f"outputs: {info['outputs']}")
+    console.print(f"operators: {info['operators']}")
+    console.print(f"parameters by dtype: {info['parameters_by_dtype']}; "
+                  f"bytes by dtype: {info['bytes_by_dtype']}")
+    table = Table(title="layers")
+    for col in ("node", "op", "status", "weights", "dtypes", "why"):
+        table.add_column(col)
+    for layer in info["layers"]:
+        table.add_row(layer["name"], layer["op_type"], layer["status"],
+                      fmt_bytes(layer["weight_bytes"]), ",".join(layer["weight_dtypes"]),
+                      layer["reason"])
+    console.print(table)

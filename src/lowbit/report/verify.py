@@ -1,0 +1,150 @@
+"""The verification every compressed model gets: checker, runtime, agreement, latency.
+
+The result is a plain dict (the ``verification`` and ``latency`` parts of
+``report.json``) plus flags that say plainly when quality dropped or when the
+compressed model is not faster, with the reason found.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lowbit.data import Dataset
+from lowbit.report.metrics import accuracy, mean_cosine, sqnr_db, top1_agreement
+from lowbit.runtime.latency import measure_side_by_side
+from lowbit.runtime.session import cpu_info, make_session, optimized_op_counts, unfused_qdq
+
+# A degradation beyond any of these is flagged in the report.
+MIN_TOP1_AGREEMENT = 0.98
+MIN_SQNR_DB = 15.0
+MAX_ACCURACY_DROP_POINTS = 1.0
+
+
+def run_all(session: Any, data: Dataset, batch_size: int = 64) -> list[np.ndarray]:
+    parts: list[list[np.ndarray]] = []
+    for feed in data.batches(batch_size):
+        outs = session.run(None, feed)
+        if not parts:
+            parts = [[] for _ in outs]
+        for k, o in enumerate(outs):
+            parts[k].append(np.asarray(o))
+    return [np.concatenate(p) for p in parts]
+
+
+def check_model(model: onnx.ModelProto) -> str:
+    """'passed', or the first line of what the full ONNX checker objects to."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as exc:
+        return "failed: " + (str(exc).strip().splitlines() or ["?"])[0][:300]
+    return "passed"
+
+
+def agreement(reference: list[np.ndarray], approx: list[np.ndarray],
+              labels: np.ndarray | None) -> dict[str, Any]:
+    ref, app = reference[0].astype(np.float64), approx[0].astype(np.float64)
+    out: dict[str, Any] = {
+        "samples": int(ref.shape[0]),
+        "sqnr_db": round(float(np.mean([sqnr_db(r, a) for r, a in zip(reference, approx)])), 3),
+        "cosine": round(mean_cosine(ref, app), 6),
+        "top1_agreement": top1_agreement(ref, app),
+    }
+    if labels is not None:
+        acc_f, acc_q = accuracy(ref, labels), accuracy(app, labels)
+        if acc_f is not None and acc_q is not None:
+            out["accuracy"] = {"float": round(acc_f, 6), "compressed": round(acc_q, 6),
+                               "drop_points": round(100.0 * (acc_f - acc_q), 3)}
+    return out
+
+
+def speed_reasons(model: onnx.ModelProto) -> list[str]:
+    """Causes found for a compressed model not being faster than float."""
+    reasons = []
+    ops = Counter(n.op_type for n in model.graph.node)
+    if ops.get("ConvInteger"):
+        reasons.append(f"{ops['ConvInteger']} Conv(s) use dynamic INT8 (ConvInteger), which "
+                       "ONNX Runtime runs several times slower than float Conv")
+    try:
+        unfused = unfused_qdq(model)
+    except Exception:  # diagnosis only; never fail the report on it
+        unfused = []
+    if unfused:
+        reasons.append(f"{len(unfused)} QDQ pattern(s) were not fused into integer kernels by "
+                       f"ONNX Runtime (e.g. {', '.join(unfused[:3])}); they run in float plus "
+                       "(de)quantization")
+    info = cpu_info()
+    if info.get("vnni") is False:
+        reasons.append("this CPU has no VNNI (int8 dot-product) instructions")
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        decisions = json.loads(meta.get("lowbit.decisions", "[]"))
+    except ValueError:
+        decisions = []
+    n_float = sum(1 for d in decisions if d.get("treatment") == "float"
+                  and d.get("op_type") in ("Conv", "Gemm", "MatMul"))
+    if n_float:
+        reasons.append(f"{n_float} Conv/Gemm/MatMul op(s) stay in float")
+    return reasons
+
+
+def verify(
+    float_model: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    holdout: Dataset,
+    *,
+    threads: int = 1,
+    batch: int = 8,
+    iterations: int = 50,
+) -> dict[str, Any]:
+    """Check, run, compare and time ``compressed`` against ``float_model``."""
+    result: dict[str, Any] = {"checker": check_model(compressed)}
+    sess_f = make_session(float_model, threads=threads, name="float model")
+    sess_q = make_session(compressed, threads=threads, name="compressed model")
+    result["runtime"] = "onnxruntime loads and runs it"
+    ref, app = run_all(sess_f, holdout), run_all(sess_q, holdout)
+    shapes_ok = [r.shape == a.shape for r, a in zip(ref, app)]
+    result["agreement"] = agreement(ref, app, holdout.labels)
+    result["agreement"]["source"] = holdout.source
+    feed = holdout.feed(batch)
+    stats = measure_side_by_side([sess_f, sess_q], [feed, feed], batch=batch, threads=threads,
+                                 iterations=iterations, min_time_s=0.5)
+    speedup = stats[0].p50_ms / stats[1].p50_ms if stats[1].p50_ms > 0 else float("inf")
+    result["latency"] = {"batch": batch, "threads": threads, "float": stats[0].to_dict(),
+                         "compressed": stats[1].to_dict(), "speedup": round(speedup, 3)}
+    try:
+        result["runtime_ops"] = dict(optimized_op_counts(compressed, threads=threads))
+    except Exception:
+        result["runtime_ops"] = {}
+    flags: list[dict[str, str]] = []
+    if not all(shapes_ok):
+        flags.append({"kind": "shape", "message": "an output's shape differs from the float model's"})
+    if result["checker"] != "passed":
+        flags.append({"kind": "checker", "message": f"ONNX checker {result['checker']}"})
+    ag = result["agreement"]
+    if ag["top1_agreement"] is not None and ag["top1_agreement"] < MIN_TOP1_AGREEMENT:
+        flags.append({"kind": "degradation",
+                      "message": f"top-1 agreement with float is {ag['top1_agreement']:.3f} "
+                                 f"(< {MIN_TOP1_AGREEMENT})"})
+    if ag["sqnr_db"] < MIN_SQNR_DB:
+        flags.append({"kind": "degradation",
+                      "message": f"output SQNR is {ag['sqnr_db']:.1f} dB (< {MIN_SQNR_DB} dB)"})
+    if "accuracy" in ag and ag["accuracy"]["drop_points"] > MAX_ACCURACY_DROP_POINTS:
+        flags.append({"kind": "degradation",
+                      "message": f"accuracy dropped {ag['accuracy']['drop_points']:.2f} points "
+                                 f"(> {MAX_ACCURACY_DROP_POINTS})"})
+    if speedup < 1.0:
+        reasons = speed_reasons(compressed) or [
+            "no specific cause found: the model is likely too small for integer kernels to "
+            "pay for quantizing its inputs and dequantizing its outputs"]
+        flags.append({"kind": "not_faster",
+                      "message": f"the compressed model is NOT faster than float here "
+                                 f"({speedup:.2f}x at batch {batch}, {threads} thread(s)): "
+                                 + "; ".join(reasons)})
+    result["flags"] = flags
+    return result

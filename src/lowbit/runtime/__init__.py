@@ -1,0 +1,1 @@
+"""ONNX Runtime sessions and side-by-side latency measurement."""

@@ -1,0 +1,1 @@
+"""PyTorch backend: export to ONNX and a small training loop."""
