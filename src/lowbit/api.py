@@ -15,6 +15,7 @@ from lowbit.data import Dataset, as_dataset
 from lowbit.errors import DataError, ValidationError
 from lowbit.fileio import write_bytes_atomic, write_json_atomic
 from lowbit.onnx.load import load_model, read_model
+from lowbit.onnx.store import FloatModel
 from lowbit.quant.scheme import QuantizeConfig
 from lowbit.runtime.session import cpu_info, input_specs_of_model, make_session, versions
 
@@ -28,11 +29,16 @@ class QuantizedModel:
     >>> qm.save("model.int8.onnx")   # also writes report.json beside it  # doctest: +SKIP
     """
 
-    def __init__(self, model: onnx.ModelProto, float_model: onnx.ModelProto,
+    def __init__(self, model: onnx.ModelProto, float_model: FloatModel,
                  report: dict[str, Any]) -> None:
         self.model = model
-        self.float_model = float_model
+        self._float = float_model
         self.report = report
+
+    @property
+    def float_model(self) -> onnx.ModelProto:
+        """The normalised float model lowbit quantized (self-contained ONNX)."""
+        return self._float.joined()
 
     def save(self, path: str | os.PathLike[str], *, report: bool = True) -> Path:
         """Write the model (atomically) and ``report.json`` in the same folder."""
@@ -55,11 +61,10 @@ class QuantizedModel:
 
 
 def _is_torch_module(obj: Any) -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return isinstance(obj, torch.nn.Module)
+    import sys
+
+    torch = sys.modules.get("torch")  # never import torch (hundreds of MB) just to check
+    return torch is not None and isinstance(obj, torch.nn.Module)
 
 
 def _first_batch(data: Any) -> Any:
@@ -79,7 +84,7 @@ def _first_batch(data: Any) -> Any:
     raise DataError("data is empty")
 
 
-def resolve_model(model: Any, data: Any) -> tuple[onnx.ModelProto, str, int | None]:
+def resolve_model(model: Any, data: Any) -> tuple[FloatModel, str, int | None]:
     """(normalised float ONNX model, display name, size on disk if a file)."""
     if _is_torch_module(model):
         from lowbit.torch.export import export_module
@@ -151,7 +156,7 @@ def quantize(
         raise ValidationError(f"option batch: {batch} must be >= 1")
     t0 = time.perf_counter()
     float_model, name, in_size = resolve_model(model, data)
-    specs = input_specs_of_model(float_model)
+    specs = input_specs_of_model(float_model.proto)
     limit = config.max_calibration_samples * 2 + 1024
     dataset = as_dataset(data, specs, limit=limit)
     if eval_data is not None:

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from lowbit.errors import LowbitError, TargetNotMetError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained neural networks smaller and faster, and prove it.")
 out_console = Console()
 err_console = Console(stderr=True)
@@ -106,7 +106,13 @@ def quantize(
     Example: lowbit quantize model.onnx -o model.int8.onnx --data calib.npz
     """
     from lowbit.api import quantize as api_quantize
+    from lowbit.errors import ValidationError
     from lowbit.quant.scheme import QuantizeConfig
+
+    if not output.parent.is_dir():
+        raise ValidationError(f"option --output: folder does not exist: {output.parent}")
+    if max_samples < 1:
+        raise ValidationError(f"option --max-samples: {max_samples} must be >= 1")
 
     config = QuantizeConfig(mode=mode, calibration=calibration, strict=strict,  # type: ignore[arg-type]
                             exclude_nodes=tuple(exclude), max_calibration_samples=max_samples)
@@ -201,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         args.remove("--debug")
         _DEBUG["on"] = True
     try:
-        app(args=args, prog_name="lowbit", standalone_mode=False)
+        # standalone mode: typer/click print usage errors themselves and exit 2
+        app(args=args, prog_name="lowbit", standalone_mode=True)
     except LowbitError as exc:
         if _DEBUG["on"]:
             raise
@@ -211,17 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("interrupted")
         return 130
     except SystemExit as exc:
-        return int(exc.code or 0)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            return int(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return int(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        err_console.print(str(exc.code))
+        return 1
+    except Exception as exc:  # anything unexpected: one line, not a traceback
         if _DEBUG["on"]:
             raise
         err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "

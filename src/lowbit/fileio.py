@@ -29,11 +29,22 @@ def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, _final_mode(target))  # mkstemp makes 0600; honour umask
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def _final_mode(target: Path) -> int:
+    if target.exists():
+        return target.stat().st_mode & 0o777
+    mask = os.umask(0)
+    try:
+        return 0o666 & ~mask
+    finally:
+        os.umask(mask)
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

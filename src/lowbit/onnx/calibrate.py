@@ -13,14 +13,15 @@ import onnx
 
 from lowbit.data import Dataset
 from lowbit.onnx.graph import GraphIndex
+from lowbit.onnx.store import FloatModel
 from lowbit.quant.observers import HistogramObserver
 from lowbit.runtime.session import make_session
 
 
-def expose_tensors(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``names`` (float tensors)."""
+def expose_tensors(fm: FloatModel, names: list[str]) -> FloatModel:
+    """A copy of ``fm`` whose graph also outputs ``names`` (float tensors)."""
     out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out.CopyFrom(fm.proto)  # light: large weights live in fm.weights
     existing = {o.name for o in out.graph.output}
     inputs = {i.name for i in out.graph.input}
     for name in names:
@@ -30,11 +31,11 @@ def expose_tensors(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
             onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
         )
         existing.add(name)
-    return out
+    return FloatModel(out, fm.weights)
 
 
 def calibrate(
-    model: onnx.ModelProto,
+    model: FloatModel,
     dataset: Dataset,
     tensors: list[str],
     *,
@@ -43,12 +44,12 @@ def calibrate(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, HistogramObserver]:
     """Observers for ``tensors`` after streaming ``dataset`` through ``model``."""
-    index = GraphIndex(model)
+    index = GraphIndex(model.proto, model.weights)
     wanted = [t for t in dict.fromkeys(tensors)]
     from_inputs = [t for t in wanted if t in index.graph_inputs]
     from_graph = [t for t in wanted if t not in index.graph_inputs]
     augmented = expose_tensors(model, from_graph)
-    session = make_session(augmented, threads=threads, name="model (calibration)")
+    session = make_session(augmented, threads=threads, name="model (calibration)", lean=True)
     observers = {t: HistogramObserver() for t in wanted}
     for feed in dataset.batches(batch_size):
         results = session.run(from_graph, feed) if from_graph else []

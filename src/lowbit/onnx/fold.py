@@ -12,13 +12,13 @@ import onnx
 from onnx import numpy_helper
 
 from lowbit.onnx.graph import GraphIndex, NameFactory
+from lowbit.onnx.store import FloatModel
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Return (model with Conv+BatchNormalization folded, number folded)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    index = GraphIndex(out)
+def fold_batchnorm(fm: FloatModel) -> int:
+    """Fold Conv+BatchNormalization in ``fm`` (in place); return how many were folded."""
+    out = fm.proto
+    index = GraphIndex(out, fm.weights)
     names = NameFactory(out)
     graph = out.graph
     outputs = set(index.graph_outputs)
@@ -47,7 +47,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         new_b = ((b - mean) * factor + beta).astype(np.float32)
         w_name, b_name = names(f"{conv.input[1]}_bnfolded"), names(f"{bn.name or 'bn'}_bias_folded")
-        new_inits += [numpy_helper.from_array(new_w, w_name), numpy_helper.from_array(new_b, b_name)]
+        new_inits += [fm.set_weight(w_name, new_w), numpy_helper.from_array(new_b, b_name)]
         x = conv.input[0]
         del conv.input[:]
         conv.input.extend([x, w_name, b_name])
@@ -58,8 +58,11 @@ def fold_batchnorm(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         graph.initializer.extend(new_inits)
         used = {x for n in graph.node for x in n.input}
         keep = [t for t in graph.initializer if t.name in used or t.name in outputs]
+        for t in graph.initializer:
+            if t.name not in used and t.name not in outputs:
+                fm.weights.pop(t.name, None)
         del graph.initializer[:]
         graph.initializer.extend(keep)
         del graph.value_info[:]
-        out = onnx.shape_inference.infer_shapes(out)
-    return out, folded
+        fm.proto = onnx.shape_inference.infer_shapes(out)
+    return folded

@@ -12,9 +12,10 @@ from onnx import numpy_helper
 class GraphIndex:
     """Read-only lookups over a graph: producers, consumers, initializers, shapes."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None) -> None:
         graph = model.graph
         self.model = model
+        self.weights = weights or {}
         self.initializers = {t.name: t for t in graph.initializer}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -32,8 +33,12 @@ class GraphIndex:
         }
 
     def constant(self, name: str) -> np.ndarray | None:
+        if name in self.weights:
+            return self.weights[name]
         tensor = self.initializers.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        return numpy_helper.to_array(tensor)
 
     def elem_type(self, name: str) -> int | None:
         if name in self.initializers:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from lowbit.errors import ModelLoadError, ValidationError
+from lowbit.onnx.store import FloatModel
 
 MIN_OPSET = 13
 
@@ -30,6 +30,14 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise ModelLoadError(f"model file is empty: {p}")
     try:
+        # The checker on the path first: it reads the file in C++ and frees it,
+        # so peak memory stays at one parse of the model.
+        onnx.checker.check_model(str(p))
+    except Exception as exc:
+        checker_error: Exception | None = exc
+    else:
+        checker_error = None
+    try:
         model = onnx.load(str(p))
     except Exception as exc:  # protobuf raises several unrelated types
         raise ModelLoadError(
@@ -41,10 +49,9 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             f"model file {p} is not a valid ONNX model (no graph, opset or IR version; "
             "truncated or another format?)"
         )
-    try:
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise ModelLoadError(f"model file {p} fails the ONNX checker: {_first_line(exc)}") from None
+    if checker_error is not None:
+        raise ModelLoadError(
+            f"model file {p} fails the ONNX checker: {_first_line(checker_error)}") from None
     return model
 
 
@@ -60,9 +67,12 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def normalise(model: onnx.ModelProto, *, name: str = "model") -> onnx.ModelProto:
-    """Return a normalised copy: constants as initializers, opset >= 13, shapes inferred."""
-    model = _constants_to_initializers(model)
+def normalise(model: onnx.ModelProto, *, name: str = "model") -> FloatModel:
+    """Normalised float model: constants as initializers, opset >= 13, shapes inferred,
+    BatchNorm folded; large weights split out as numpy arrays (see ``store``)."""
+    fm = FloatModel.split(model)
+    del model  # the caller's proto is not touched; our copy holds no large weights
+    model = _constants_to_initializers(fm.proto)
     init_names = {t.name for t in model.graph.initializer}
     kept_inputs = [i for i in model.graph.input if i.name not in init_names]
     if len(kept_inputs) != len(model.graph.input):
@@ -82,16 +92,19 @@ def normalise(model: onnx.ModelProto, *, name: str = "model") -> onnx.ModelProto
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:
         raise ModelLoadError(f"{name}: shape inference failed: {_first_line(exc)}") from None
-    check_finite_weights(model, name=name)
+    fm.proto = model
+    check_finite_weights(fm, name=name)
     from lowbit.onnx.fold import fold_batchnorm
 
-    model, _ = fold_batchnorm(model)
-    return model
+    fold_batchnorm(fm)
+    from lowbit.runtime.memory import release_memory
+
+    release_memory()
+    return fm
 
 
-def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def _constants_to_initializers(out: onnx.ModelProto) -> onnx.ModelProto:
+    """In place: Constant nodes holding a tensor become initializers."""
     graph = out.graph
     keep = []
     moved = []
@@ -110,13 +123,15 @@ def _constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def check_finite_weights(model: onnx.ModelProto, *, name: str = "model") -> None:
-    for tensor in model.graph.initializer:
+def check_finite_weights(fm: FloatModel, *, name: str = "model") -> None:
+    for tensor in fm.proto.graph.initializer:
         if tensor.data_type not in (
             onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
         ):
             continue
-        arr = numpy_helper.to_array(tensor)
+        arr = fm.constant(tensor.name)
+        if arr is None:
+            continue
         if not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
             raise ValidationError(
@@ -124,7 +139,7 @@ def check_finite_weights(model: onnx.ModelProto, *, name: str = "model") -> None
             )
 
 
-def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[FloatModel, str]:
     """Read (if a path) and normalise a model. Returns (model, display name)."""
     if isinstance(source, onnx.ModelProto):
         name = "model"

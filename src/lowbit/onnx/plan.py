@@ -126,6 +126,7 @@ def build_plan(
     exclude: tuple[str, ...] = (),
     keep_float: dict[str, str] | None = None,
     strict: bool = False,
+    weights: dict[str, Any] | None = None,
 ) -> QuantPlan:
     """Plan quantization of ``model``.
 
@@ -134,7 +135,7 @@ def build_plan(
     (with the reason taken from ``_WHY_FLOAT``). Elementwise ops are quantized
     only in static mode, next to quantized producers.
     """
-    index = GraphIndex(model)
+    index = GraphIndex(model, weights)
     plan = QuantPlan()
     quantized: set[str] = set()  # tensors carrying Q/DQ so far
     folded_away: set[str] = set()

@@ -17,9 +17,9 @@ from onnx import helper, numpy_helper
 
 from lowbit.onnx.graph import GraphIndex, NameFactory, ensure_opset, topological_sort
 from lowbit.onnx.plan import QuantPlan, node_name, weight_axis
+from lowbit.onnx.store import FloatModel, embed_weights, is_reference
 from lowbit.quant import affine
 from lowbit.quant.scheme import Granularity, TensorQuantParams
-from lowbit.report.metrics import sqnr_db
 
 _NP_TO_ONNX = {np.dtype(np.int8): onnx.TensorProto.INT8,
                np.dtype(np.uint8): onnx.TensorProto.UINT8,
@@ -33,9 +33,10 @@ def _storage_dtype(params: TensorQuantParams) -> np.dtype[Any]:
 
 
 class _Writer:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, fm: FloatModel) -> None:
+        self.fm = fm
         self.model = onnx.ModelProto()
-        self.model.CopyFrom(model)
+        self.model.CopyFrom(fm.proto)  # light: large weights live in fm.weights
         self.graph = self.model.graph
         self.names = NameFactory(self.model)
         self.new_nodes: list[onnx.NodeProto] = []
@@ -56,7 +57,7 @@ class _Writer:
     def dequantized_constant(self, tensor: str, values: np.ndarray,
                              params: TensorQuantParams) -> str:
         """Store ``values`` quantized with ``params``; return the name of its DQ output."""
-        q = affine.quantize(values, params).astype(_storage_dtype(params))
+        q = affine.quantize(values, params, dtype=_storage_dtype(params))
         q_name = self.const(f"{tensor}_quantized", q)
         scale, zp = self.params_inputs(tensor, params)
         out = self.names(f"{tensor}_dequantized")
@@ -89,7 +90,8 @@ class _Writer:
             "DequantizeLinear", [q_out, scale, zp], [dq_out],
             name=self.names(f"{tensor}_DequantizeLinear")))
 
-    def finish(self, decisions: list[dict[str, str]], extra_meta: dict[str, Any]) -> onnx.ModelProto:
+    def finish(self, decisions: list[dict[str, str]], extra_meta: dict[str, Any],
+               infer_shapes: bool = True) -> onnx.ModelProto:
         self.graph.node.extend(self.new_nodes)
         self.graph.initializer.extend(self.new_inits)
         used = {x for n in self.graph.node for x in n.input} | {o.name for o in self.graph.output}
@@ -97,6 +99,9 @@ class _Writer:
         if len(keep) != len(self.graph.initializer):
             del self.graph.initializer[:]
             self.graph.initializer.extend(keep)
+        if any(is_reference(t) for t in self.graph.initializer):
+            self.model = embed_weights(self.model, self.fm.weights)
+            self.graph = self.model.graph
         del self.graph.value_info[:]  # stale after renames; shape inference redoes it
         topological_sort(self.graph)
         ensure_opset(self.model, "", 13)
@@ -108,7 +113,7 @@ class _Writer:
                 existing[key].value = value
             else:
                 self.model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
-        return onnx.shape_inference.infer_shapes(self.model)
+        return onnx.shape_inference.infer_shapes(self.model) if infer_shapes else self.model
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -139,15 +144,16 @@ def _normalise_gemm(node: onnx.NodeProto, index: GraphIndex, w: np.ndarray,
 
 
 def write_quantized(
-    model: onnx.ModelProto,
+    model: FloatModel,
     plan: QuantPlan,
     activation_params: dict[str, TensorQuantParams],
     *,
     per_channel: bool = True,
     metadata: dict[str, Any] | None = None,
+    infer_shapes: bool = False,
 ) -> onnx.ModelProto:
     """Apply ``plan`` to ``model`` with the given activation parameters."""
-    index = GraphIndex(model)
+    index = GraphIndex(model.proto, model.weights)
     w = _Writer(model)
     by_name = {node_name(n, i): n for i, n in enumerate(w.graph.node)}
     # 1. folds: the producer writes the activation's output; the activation goes.
@@ -171,7 +177,7 @@ def write_quantized(
         params = activation_params[plan.shared.get(tensor, tensor)]
         w.qdq_activation(tensor, params, tensor in inputs)
     decisions = [d.to_dict() for d in plan.decisions]
-    return w.finish(decisions, metadata or {})
+    return w.finish(decisions, metadata or {}, infer_shapes)
 
 
 def _static_weights(w: _Writer, node: onnx.NodeProto, index: GraphIndex,
@@ -217,8 +223,8 @@ def _choose_weight_params(node: onnx.NodeProto, weight: np.ndarray, axis: int,
     if node.op_type == "Conv":
         return channel
     tensor = affine.weight_params_per_tensor(weight)
-    err_c = sqnr_db(weight, affine.dequantize(affine.quantize(weight, channel), channel))
-    err_t = sqnr_db(weight, affine.dequantize(affine.quantize(weight, tensor), tensor))
+    err_c = affine.quantization_sqnr_db(weight, channel)
+    err_t = affine.quantization_sqnr_db(weight, tensor)
     return tensor if err_t >= err_c - PER_TENSOR_TOLERANCE_DB else channel
 
 
@@ -244,7 +250,7 @@ def _dynamic_matmul(w: _Writer, node: onnx.NodeProto, index: GraphIndex) -> None
             weight = np.ascontiguousarray(weight.T)  # (N, K) -> (K, N)
     params = affine.weight_params_per_channel(weight, axis=1)  # per output column
     base = node.input[1]
-    w_q = w.const(f"{base}_quantized", affine.quantize(weight, params).astype(np.int8))
+    w_q = w.const(f"{base}_quantized", affine.quantize(weight, params, dtype=np.int8))
     w_scale = w.const(f"{base}_scale", np.asarray(params.scale, np.float32))
     x = node.input[0]
     prefix = w.names(f"{node.name or node.op_type}_dyn")

@@ -16,10 +16,12 @@ from lowbit.onnx.calibrate import calibrate
 from lowbit.onnx.graph import GraphIndex
 from lowbit.onnx.plan import QuantPlan, Treatment, build_plan
 from lowbit.onnx.qdq import write_quantized
+from lowbit.onnx.store import FloatModel
 from lowbit.quant import affine
 from lowbit.quant.observers import HistogramObserver, select_range
 from lowbit.quant.scheme import CalibrationMethod, QuantizeConfig, QuantMode, TensorQuantParams
 from lowbit.report.metrics import sqnr_db
+from lowbit.runtime.memory import release_memory
 from lowbit.runtime.session import make_session
 
 CONCRETE_METHODS = (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE,
@@ -75,7 +77,7 @@ def activation_params_for(
     return out
 
 
-def _slow_int8_convs(model: onnx.ModelProto, plan: QuantPlan,
+def _slow_int8_convs(model: FloatModel, plan: QuantPlan,
                      observers: dict[str, HistogramObserver], index: GraphIndex,
                      threads: int) -> dict[str, str]:
     """Convs that measured clearly slower in INT8 than in float, with the reason."""
@@ -84,7 +86,7 @@ def _slow_int8_convs(model: onnx.ModelProto, plan: QuantPlan,
 
     static = set(plan.static_nodes)
     slow: dict[str, str] = {}
-    for i, node in enumerate(model.graph.node):
+    for i, node in enumerate(model.proto.graph.node):
         name = node_name(node, i)
         if node.op_type != "Conv" or name not in static:
             continue
@@ -116,7 +118,7 @@ def _outputs(session: Any, data: Dataset, batch_size: int) -> list[np.ndarray]:
 
 
 def quantize_onnx(
-    model: onnx.ModelProto,
+    model: FloatModel,
     calibration: Dataset,
     config: QuantizeConfig,
     *,
@@ -125,14 +127,14 @@ def quantize_onnx(
 ) -> QuantizeOutcome:
     """Quantize a normalised float ONNX model with ``calibration`` data."""
     t0 = time.perf_counter()
-    treatments = weighted_treatments(model, config.mode)
-    plan = build_plan(model, weighted_treatment=treatments, exclude=config.exclude_nodes,
-                      strict=config.strict)
+    treatments = weighted_treatments(model.proto, config.mode)
+    plan = build_plan(model.proto, weighted_treatment=treatments, exclude=config.exclude_nodes,
+                      strict=config.strict, weights=model.weights)
     seconds: dict[str, float] = {"plan": time.perf_counter() - t0}
     warnings: list[str] = []
     if not plan.static_nodes and not plan.dynamic_nodes:
         warnings.append("no operator was quantized; the output equals the input model")
-    index = GraphIndex(model)
+    index = GraphIndex(model.proto, model.weights)
     clip_caps: dict[str, tuple[float, float]] = {}
     for fold in plan.folds:
         if fold.clip is not None:
@@ -155,6 +157,7 @@ def quantize_onnx(
     t1 = time.perf_counter()
     observers = calibrate(model, calib, plan.observed, batch_size=config.batch_size,
                           threads=threads, progress=step)
+    release_memory()
     seconds["calibrate"] = time.perf_counter() - t1
     nonfinite = sorted(t for t, o in observers.items() if o.nonfinite)
     if nonfinite:
@@ -165,8 +168,9 @@ def quantize_onnx(
     if config.mode is QuantMode.AUTO:
         slow = _slow_int8_convs(model, plan, observers, index, threads)
         if slow:
-            plan = build_plan(model, weighted_treatment=treatments, exclude=config.exclude_nodes,
-                              keep_float=slow, strict=config.strict)
+            plan = build_plan(model.proto, weighted_treatment=treatments,
+                              exclude=config.exclude_nodes, keep_float=slow, strict=config.strict,
+                              weights=model.weights)
             missing = [t for t in plan.observed if t not in observers]
             if missing:
                 observers.update(calibrate(model, calib, missing, batch_size=config.batch_size,
@@ -180,28 +184,38 @@ def quantize_onnx(
     methods = list(CONCRETE_METHODS) if config.calibration is CalibrationMethod.AUTO \
         else [config.calibration]
     scores: dict[str, float] = {}
-    best: tuple[float, CalibrationMethod, onnx.ModelProto] | None = None
     t2 = time.perf_counter()
+    chosen = methods[0]
     if len(methods) > 1:
+        # Each candidate is written, run on a few calibration samples and dropped;
+        # only the winner is written again at the end (memory: one candidate at a time).
         selection = calib.take(0, min(total, SELECTION_SAMPLES))
-        reference = _outputs(make_session(model, threads=threads), selection, config.batch_size)
-    for k, method in enumerate(methods):
-        params = activation_params_for(observers, plan, method, percentile=config.percentile,
-                                       clip_caps=clip_caps)
-        qmodel = write_quantized(model, plan, params, per_channel=config.per_channel,
-                                 metadata={**meta, "calibration": method.value})
-        if len(methods) == 1:
-            best = (0.0, method, qmodel)
-            break
-        outs = _outputs(make_session(qmodel, threads=threads, name="quantized candidate"),
-                        selection, config.batch_size)
-        score = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
-        scores[method.value] = round(score, 3)
-        if best is None or score > best[0]:
-            best = (score, method, qmodel)
-        if progress is not None:
-            progress("choosing calibration", k + 1, len(methods))
+        reference = _outputs(make_session(model, threads=threads, lean=True), selection,
+                             config.batch_size)
+        release_memory()
+        best_score = -np.inf
+        for k, method in enumerate(methods):
+            params = activation_params_for(observers, plan, method, percentile=config.percentile,
+                                           clip_caps=clip_caps)
+            candidate = write_quantized(model, plan, params, per_channel=config.per_channel,
+                                        infer_shapes=False)
+            session = make_session(candidate, threads=threads, name="quantized candidate")
+            del candidate
+            outs = _outputs(session, selection, config.batch_size)
+            del session
+            release_memory()
+            score = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
+            scores[method.value] = round(score, 3)
+            if score > best_score:
+                best_score, chosen = score, method
+            if progress is not None:
+                progress("choosing calibration", k + 1, len(methods))
+    params = activation_params_for(observers, plan, chosen, percentile=config.percentile,
+                                   clip_caps=clip_caps)
+    release_memory()
+    # No shape inference on the result: ONNX Runtime does not need stored shapes, and
+    # it would hold two more copies of the model at the memory peak.
+    qmodel = write_quantized(model, plan, params, per_channel=config.per_channel,
+                             metadata={**meta, "calibration": chosen.value}, infer_shapes=False)
     seconds["choose_and_write"] = time.perf_counter() - t2
-    if best is None:
-        raise RuntimeError("internal: no calibration candidate was produced")
-    return QuantizeOutcome(best[2], plan, treatments, best[1], scores, total, seconds, warnings)
+    return QuantizeOutcome(qmodel, plan, treatments, chosen, scores, total, seconds, warnings)

@@ -73,15 +73,23 @@ def _broadcast(values: np.ndarray | np.generic, ndim: int, axis: int | None) -> 
     return arr.reshape(shape)
 
 
-def quantize(x: np.ndarray, params: TensorQuantParams) -> np.ndarray:
-    """Quantize ``x`` to integers (int64 array; the writer picks the storage dtype)."""
+def quantize(x: np.ndarray, params: TensorQuantParams, dtype: Any = None) -> np.ndarray:
+    """Quantize ``x`` to integers (int32, or int64 above 16 bits; the writer picks the
+    storage dtype). Computed in place in float32 (float64 above 16 bits), so a large
+    weight costs two temporary copies of its own size at most."""
     axis = params.axis if params.granularity is Granularity.CHANNEL else None
     if axis is not None and axis < 0:
         axis += x.ndim
-    scale = _broadcast(params.scale, x.ndim, axis).astype(np.float32)
-    zp = _broadcast(params.zero_point, x.ndim, axis).astype(np.int64)
-    q = np.rint(x.astype(np.float32) / scale).astype(np.int64) + zp
-    return np.clip(q, params.qmin, params.qmax)
+    wide = params.bits > 16
+    ftype = np.float64 if wide else np.float32
+    scale = _broadcast(params.scale, x.ndim, axis).astype(np.float32).astype(ftype)
+    zp = _broadcast(params.zero_point, x.ndim, axis).astype(ftype)
+    y = np.array(x, dtype=np.float32, copy=True).astype(ftype, copy=False)
+    y /= scale
+    np.rint(y, out=y)
+    y += zp
+    np.clip(y, params.qmin, params.qmax, out=y)
+    return y.astype(dtype or (np.int64 if wide else np.int32))
 
 
 def dequantize(q: np.ndarray, params: TensorQuantParams) -> np.ndarray:
@@ -89,8 +97,35 @@ def dequantize(q: np.ndarray, params: TensorQuantParams) -> np.ndarray:
     if axis is not None and axis < 0:
         axis += q.ndim
     scale = _broadcast(params.scale, q.ndim, axis).astype(np.float32)
-    zp = _broadcast(params.zero_point, q.ndim, axis).astype(np.int64)
-    return ((q.astype(np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
+    if params.bits > 16:
+        zp64 = _broadcast(params.zero_point, q.ndim, axis).astype(np.int64)
+        return ((q.astype(np.int64) - zp64).astype(np.float32) * scale).astype(np.float32)
+    y = q.astype(np.float32)  # exact: |q - zp| < 2**17
+    y -= _broadcast(params.zero_point, q.ndim, axis).astype(np.float32)
+    y *= scale
+    return y
+
+
+def quantization_sqnr_db(w: np.ndarray, params: TensorQuantParams) -> float:
+    """SQNR (dB) of ``w`` after a quantize/dequantize round trip, computed block by
+    block along the channel axis so a large weight needs little extra memory."""
+    axis = params.axis if params.granularity is Granularity.CHANNEL else None
+    view = np.moveaxis(w, axis % w.ndim, 0) if axis is not None else w.reshape(-1, 1)
+    scale = np.broadcast_to(np.asarray(params.scale, np.float32).reshape(-1), (view.shape[0],))
+    zp = np.broadcast_to(np.asarray(params.zero_point, np.float32).reshape(-1), (view.shape[0],))
+    signal = noise = 0.0
+    rows = max(1, (1 << 20) // max(1, int(np.prod(view.shape[1:]))))
+    for start in range(0, view.shape[0], rows):
+        block = view[start : start + rows].astype(np.float32)
+        shape = (-1,) + (1,) * (block.ndim - 1)
+        s, z = scale[start : start + rows].reshape(shape), zp[start : start + rows].reshape(shape)
+        q = np.clip(np.rint(block / s) + z, params.qmin, params.qmax)
+        err = ((q - z) * s - block).astype(np.float64)
+        signal += float(np.sum(block.astype(np.float64) ** 2))
+        noise += float(np.sum(err * err))
+    if noise == 0.0:
+        return 200.0
+    return -200.0 if signal == 0.0 else float(min(200.0, 10.0 * np.log10(signal / noise)))
 
 
 def weight_params_per_channel(

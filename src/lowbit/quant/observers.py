@@ -38,6 +38,7 @@ class HistogramObserver:
         self.counts = np.zeros(num_bins, dtype=np.int64)
         self.nonfinite = 0
         self.seen = 0
+        self.zeros = 0  # exact zeros (e.g. after ReLU); 0.0 is always exact when quantized
         self.batch_shape: tuple[int, ...] | None = None  # shape of the first batch seen
 
     def update(self, values: np.ndarray) -> None:
@@ -55,6 +56,7 @@ class HistogramObserver:
                 return
         lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.zeros += int(x.size - np.count_nonzero(x))
         self.seen += x.size
         absmax = max(abs(lo), abs(hi))
         if self.radius == 0.0:
@@ -94,9 +96,20 @@ def _quantile(obs: HistogramObserver, q: float) -> float:
     return float(obs.edges[i + 1] if q > 0.5 else obs.edges[i])
 
 
+_TAIL_PROBABILITIES = np.logspace(-7, -1.5, 23)
+
+
 def _candidates(obs: HistogramObserver) -> list[tuple[float, float]]:
+    """Clipping ranges to score: [min, max] shrunk proportionally, plus ranges that cut
+    the same probability mass from each tail (so an outlier on one side does not force
+    clipping the other side by the same fraction)."""
     lo, hi = min(obs.min, 0.0), max(obs.max, 0.0)
-    return [(lo * f, hi * f) for f in _CANDIDATE_FRACTIONS]
+    out = [(lo * f, hi * f) for f in _CANDIDATE_FRACTIONS]
+    for t in _TAIL_PROBABILITIES:
+        a = _quantile(obs, float(t)) if obs.min < 0 else lo
+        b = _quantile(obs, 1.0 - float(t)) if obs.max > 0 else hi
+        out.append((min(max(a, lo), 0.0), max(min(b, hi), 0.0)))
+    return out
 
 
 def _mse_of_range(obs: HistogramObserver, lo: float, hi: float, levels: int) -> float:
@@ -120,6 +133,9 @@ def _kl_of_range(obs: HistogramObserver, lo: float, hi: float, levels: int) -> f
     clipping too little makes Q coarse: the minimum balances the two.
     """
     centers, counts = obs.centers, obs.counts.astype(np.float64)
+    # Exact zeros stay exact under quantization (0 is on the grid): leave them out,
+    # or smearing the ReLU spike at 0 over its group would favour narrow ranges.
+    counts[obs.num_bins // 2] -= obs.zeros  # bin [0, width) holds the zeros
     inside = (centers >= lo) & (centers <= hi)
     if inside.sum() < 2:
         return float("inf")
@@ -141,7 +157,7 @@ def _kl_of_range(obs: HistogramObserver, lo: float, hi: float, levels: int) -> f
     mask = p > 0
     # Where P has mass that Q lacks (an outlier-laden edge bin that was empty
     # before), use a small floor instead of an infinite penalty.
-    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-9))))
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-4))))
 
 
 def select_range(
@@ -163,11 +179,12 @@ def select_range(
         plo = _quantile(obs, tail) if obs.min < 0 else obs.min
         phi = _quantile(obs, 1.0 - tail) if obs.max > 0 else obs.max
         return min(max(plo, lo), 0.0), max(min(phi, hi), 0.0)
+    candidates = _candidates(obs)
     if method is CalibrationMethod.MSE:
-        errors = [_mse_of_range(obs, a, b, levels) for a, b in _candidates(obs)]
+        errors = [_mse_of_range(obs, a, b, levels) for a, b in candidates]
     elif method is CalibrationMethod.ENTROPY:
-        errors = [_kl_of_range(obs, a, b, levels) for a, b in _candidates(obs)]
+        errors = [_kl_of_range(obs, a, b, levels) for a, b in candidates]
     else:
         raise ValueError(f"no range rule for calibration method {method}")
     best = int(np.argmin(errors))
-    return _candidates(obs)[best]
+    return candidates[best]

@@ -94,7 +94,7 @@ def speed_reasons(model: onnx.ModelProto) -> list[str]:
 
 
 def verify(
-    float_model: onnx.ModelProto,
+    float_model: Any,
     compressed: onnx.ModelProto,
     holdout: Dataset,
     *,

@@ -14,6 +14,7 @@ import onnx
 
 from lowbit.data import InputSpec
 from lowbit.errors import ModelLoadError
+from lowbit.onnx.store import FloatModel, is_reference
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -23,11 +24,12 @@ _ORT_TO_NUMPY = {
 
 
 def make_session(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: Any,
     *,
     threads: int = 1,
     optimized_path: str | None = None,
     name: str = "model",
+    lean: bool = False,
 ) -> Any:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (all optimizations on)."""
     import onnxruntime as ort
@@ -39,9 +41,25 @@ def make_session(
     opts.log_severity_level = 3
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
-    source: Any = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    if lean:  # calibration passes: no second, pre-packed copy of every weight
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    keepalive: list[Any] = []
+    if isinstance(model, FloatModel):
+        # ONNX Runtime reads the split-out weights from our arrays (no serialized copy).
+        names = [t.name for t in model.proto.graph.initializer if is_reference(t)]
+        keepalive = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(model.weights[n]))
+                     for n in names]
+        if names:
+            opts.add_external_initializers(names, keepalive)
+        source: Any = model.proto.SerializeToString()
+    elif isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    else:
+        source = str(model)
     try:
-        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        session._lowbit_keepalive = keepalive  # the arrays must outlive the session
+        return session
     except Exception as exc:
         raise ModelLoadError(
             f"ONNX Runtime cannot load {name}: {str(exc).strip().splitlines()[0][:400]}"
