@@ -178,8 +178,7 @@ def quantize(
             "samples": outcome.calibration_samples,
             "source": calib.source,
         },
-        "nodes": {"counts": outcome.plan.counts(),
-                  "decisions": [d.to_dict() for d in outcome.plan.decisions]},
+        "nodes": {"counts": outcome.plan.counts(), "decisions": _decisions(outcome.model)},
         "warnings": outcome.warnings,
         "seconds": {k: round(v, 3) for k, v in outcome.seconds.items()},
     }
@@ -196,6 +195,13 @@ def quantize(
     report["environment"] = {**cpu_info(), **versions()}
     report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return QuantizedModel(outcome.model, float_model, report)
+
+
+def _decisions(model: onnx.ModelProto) -> list[dict[str, str]]:
+    import json
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    return list(json.loads(meta.get("lowbit.decisions", "[]")))
 
 
 def load(path: str | os.PathLike[str]) -> onnx.ModelProto:

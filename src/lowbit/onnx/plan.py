@@ -185,8 +185,8 @@ def build_plan(
                 continue
             if treatment == Treatment.DYNAMIC and rule.dynamic:
                 plan.dynamic_nodes.append(name)
-                decide(node, name, Treatment.DYNAMIC, "weights per-channel INT8, activations "
-                       "quantized at run time")
+                decide(node, name, Treatment.DYNAMIC, "INT8 weights, activations quantized "
+                       "at run time")
                 continue
             plan.static_nodes.append(name)
             add_activation(node.input[0])
@@ -199,13 +199,15 @@ def build_plan(
                     act_name = node_name(act, list(model.graph.node).index(act))
                     plan.folds.append(Fold(name, act_name, act.output[0], clip))
                     folded_away.add(act_name)
-                    plan.decisions.append(NodeDecision(act_name, act.op_type, Treatment.FOLDED,
-                                                       f"folded into {name}'s output range"))
                     out = act.output[0]
             if node.op_type == "Conv" or out not in outputs:
                 add_activation(out)
-            decide(node, name, Treatment.STATIC, "weights per-channel INT8, activations "
-                   "per-tensor UINT8")
+            decide(node, name, Treatment.STATIC, "INT8 weights, UINT8 activations per tensor")
+            if plan.folds and plan.folds[-1].producer == name:
+                fold = plan.folds[-1]
+                act_op = index.producer[fold.output].op_type
+                plan.decisions.append(NodeDecision(fold.activation, act_op, Treatment.FOLDED,
+                                                   f"folded into {name}'s output range"))
         elif rule.kind is OpKind.ELEMENTWISE:
             acts = [x for x in node.input if x and x not in index.initializers]
             if not static_any:

@@ -19,7 +19,7 @@ from lowbit.onnx.graph import GraphIndex, NameFactory, ensure_opset, topological
 from lowbit.onnx.plan import QuantPlan, node_name, weight_axis
 from lowbit.onnx.store import FloatModel, embed_weights, is_reference
 from lowbit.quant import affine
-from lowbit.quant.scheme import Granularity, TensorQuantParams
+from lowbit.quant.scheme import Granularity, TensorQuantParams, WeightGranularity
 
 _NP_TO_ONNX = {np.dtype(np.int8): onnx.TensorProto.INT8,
                np.dtype(np.uint8): onnx.TensorProto.UINT8,
@@ -42,6 +42,7 @@ class _Writer:
         self.new_nodes: list[onnx.NodeProto] = []
         self.new_inits: list[onnx.TensorProto] = []
         self.weight_cache: dict[tuple[str, int], str] = {}
+        self.weight_notes: dict[str, str] = {}  # node -> weight granularity used
 
     def const(self, base: str, value: np.ndarray) -> str:
         name = self.names(base)
@@ -148,7 +149,7 @@ def write_quantized(
     plan: QuantPlan,
     activation_params: dict[str, TensorQuantParams],
     *,
-    per_channel: bool = True,
+    granularity: WeightGranularity = WeightGranularity.AUTO,
     metadata: dict[str, Any] | None = None,
     infer_shapes: bool = False,
 ) -> onnx.ModelProto:
@@ -167,7 +168,9 @@ def write_quantized(
             _quantize_constant_operands(w, node, index)
             continue
         x = node.input[0]
-        _static_weights(w, node, index, activation_params[plan.shared.get(x, x)], per_channel)
+        chosen = _static_weights(w, node, index, activation_params[plan.shared.get(x, x)],
+                                 granularity)
+        w.weight_notes[name] = chosen
     # 3. dynamic MatMul/Gemm.
     for name in plan.dynamic_nodes:
         _dynamic_matmul(w, by_name[name], index)
@@ -177,11 +180,17 @@ def write_quantized(
         params = activation_params[plan.shared.get(tensor, tensor)]
         w.qdq_activation(tensor, params, tensor in inputs)
     decisions = [d.to_dict() for d in plan.decisions]
+    for d in decisions:
+        if d["name"] in w.weight_notes:
+            d["weights"] = w.weight_notes[d["name"]]
+        elif d["name"] in plan.dynamic_nodes:
+            d["weights"] = "per-channel"
     return w.finish(decisions, metadata or {}, infer_shapes)
 
 
 def _static_weights(w: _Writer, node: onnx.NodeProto, index: GraphIndex,
-                    x_params: TensorQuantParams, per_channel: bool) -> None:
+                    x_params: TensorQuantParams, granularity: WeightGranularity) -> str:
+    """Quantize a weighted node's weight (and bias); return the weight granularity used."""
     weight_name = node.input[1]
     weight = index.constant(weight_name)
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -191,7 +200,7 @@ def _static_weights(w: _Writer, node: onnx.NodeProto, index: GraphIndex,
     if node.op_type == "Gemm":
         weight, bias = _normalise_gemm(node, index, weight, bias)
     axis = weight_axis(node)
-    params = _choose_weight_params(node, weight, axis, per_channel)
+    params = _choose_weight_params(node, weight, axis, granularity)
     node.input[1] = w.dequantized_constant(weight_name, weight, params)
     if bias is not None and bias_name is not None:
         n_out = weight.shape[axis]
@@ -207,25 +216,31 @@ def _static_weights(w: _Writer, node: onnx.NodeProto, index: GraphIndex,
             node.input[2] = w.dequantized_constant(bias_name, bias, b_params)
         elif not np.array_equal(bias, index.constant(bias_name)):
             node.input[2] = w.const(f"{bias_name}_scaled", bias.astype(np.float32))
+    return "per-channel" if params.granularity is Granularity.CHANNEL else "per-tensor"
 
 
-# Per-tensor INT8 weights run about 5% faster than per-channel in ONNX Runtime's
-# QGemm/QLinearMatMul (measured, BENCHMARKS.md). For MatMul/Gemm we take
-# per-tensor when it loses less than this much weight SQNR; Conv stays per-channel.
+# Per-tensor INT8 weights run 2-5% faster than per-channel in ONNX Runtime's QGemm
+# (measured side by side, docs/NOTES.md). In auto granularity a static MatMul/Gemm
+# takes per-tensor weights when that costs almost nothing, i.e. when the weight's
+# own quantization noise stays far below the 8-bit activation noise next to it:
+# per-tensor weight SQNR within PER_TENSOR_TOLERANCE_DB of per-channel, or at least
+# PER_TENSOR_GOOD_ENOUGH_DB. Conv weights are always per channel.
 PER_TENSOR_TOLERANCE_DB = 0.5
+PER_TENSOR_GOOD_ENOUGH_DB = 38.0
 
 
 def _choose_weight_params(node: onnx.NodeProto, weight: np.ndarray, axis: int,
-                          per_channel: bool) -> TensorQuantParams:
-    if not per_channel:
+                          granularity: WeightGranularity) -> TensorQuantParams:
+    if granularity is WeightGranularity.TENSOR:
         return affine.weight_params_per_tensor(weight)
     channel = affine.weight_params_per_channel(weight, axis=axis)
-    if node.op_type == "Conv":
+    if node.op_type == "Conv" or granularity is WeightGranularity.CHANNEL:
         return channel
     tensor = affine.weight_params_per_tensor(weight)
     err_c = affine.quantization_sqnr_db(weight, channel)
     err_t = affine.quantization_sqnr_db(weight, tensor)
-    return tensor if err_t >= err_c - PER_TENSOR_TOLERANCE_DB else channel
+    good = err_t >= err_c - PER_TENSOR_TOLERANCE_DB or err_t >= PER_TENSOR_GOOD_ENOUGH_DB
+    return tensor if good else channel
 
 
 def _quantize_constant_operands(w: _Writer, node: onnx.NodeProto, index: GraphIndex) -> None:

@@ -142,7 +142,7 @@ def quantize_onnx(
     needs_calibration = bool(plan.observed)
     meta = {"mode": config.mode.value, "treatments": treatments}
     if not needs_calibration:
-        qmodel = write_quantized(model, plan, {}, per_channel=config.per_channel, metadata=meta)
+        qmodel = write_quantized(model, plan, {}, granularity=config.weight_granularity, metadata=meta)
         return QuantizeOutcome(qmodel, plan, treatments, None, {}, 0, seconds, warnings)
 
     calib = calibration.take(0, min(calibration.num_samples, config.max_calibration_samples))
@@ -177,7 +177,7 @@ def quantize_onnx(
                                            threads=threads))
             clip_caps = {f.output: f.clip for f in plan.folds if f.clip is not None}
             if not plan.observed:
-                qmodel = write_quantized(model, plan, {}, per_channel=config.per_channel,
+                qmodel = write_quantized(model, plan, {}, granularity=config.weight_granularity,
                                          metadata=meta)
                 return QuantizeOutcome(qmodel, plan, treatments, None, {}, total, seconds, warnings)
     del index
@@ -197,10 +197,13 @@ def quantize_onnx(
         for k, method in enumerate(methods):
             params = activation_params_for(observers, plan, method, percentile=config.percentile,
                                            clip_caps=clip_caps)
-            candidate = write_quantized(model, plan, params, per_channel=config.per_channel,
+            candidate = write_quantized(model, plan, params, granularity=config.weight_granularity,
                                         infer_shapes=False)
-            session = make_session(candidate, threads=threads, name="quantized candidate")
-            del candidate
+            serialized = candidate.SerializeToString()
+            del candidate  # one copy of the candidate at a time
+            session = make_session(serialized, threads=threads, name="quantized candidate",
+                                   lean=True)
+            del serialized
             outs = _outputs(session, selection, config.batch_size)
             del session
             release_memory()
@@ -215,7 +218,7 @@ def quantize_onnx(
     release_memory()
     # No shape inference on the result: ONNX Runtime does not need stored shapes, and
     # it would hold two more copies of the model at the memory peak.
-    qmodel = write_quantized(model, plan, params, per_channel=config.per_channel,
+    qmodel = write_quantized(model, plan, params, granularity=config.weight_granularity,
                              metadata={**meta, "calibration": chosen.value}, infer_shapes=False)
     seconds["choose_and_write"] = time.perf_counter() - t2
     return QuantizeOutcome(qmodel, plan, treatments, chosen, scores, total, seconds, warnings)

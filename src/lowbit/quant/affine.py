@@ -74,9 +74,11 @@ def _broadcast(values: np.ndarray | np.generic, ndim: int, axis: int | None) -> 
 
 
 def quantize(x: np.ndarray, params: TensorQuantParams, dtype: Any = None) -> np.ndarray:
-    """Quantize ``x`` to integers (int32, or int64 above 16 bits; the writer picks the
-    storage dtype). Computed in place in float32 (float64 above 16 bits), so a large
-    weight costs two temporary copies of its own size at most."""
+    """Quantize ``x`` to integers: ``dtype`` if given, else int32 (int64 above 16 bits).
+
+    Computed in float32 (float64 above 16 bits) in blocks along the first axis, so a
+    large weight needs only a small temporary buffer besides the result.
+    """
     axis = params.axis if params.granularity is Granularity.CHANNEL else None
     if axis is not None and axis < 0:
         axis += x.ndim
@@ -84,12 +86,28 @@ def quantize(x: np.ndarray, params: TensorQuantParams, dtype: Any = None) -> np.
     ftype = np.float64 if wide else np.float32
     scale = _broadcast(params.scale, x.ndim, axis).astype(np.float32).astype(ftype)
     zp = _broadcast(params.zero_point, x.ndim, axis).astype(ftype)
+    x = np.asarray(x)
+    out = np.empty(x.shape, dtype=dtype or (np.int64 if wide else np.int32))
+    if x.ndim == 0:
+        return _quantize_block(x, scale, zp, params, ftype).astype(out.dtype)
+    row = max(1, int(np.prod(x.shape[1:])))
+    step = max(1, (1 << 20) // row)
+    for start in range(0, x.shape[0], step):
+        sl = slice(start, start + step)
+        s = scale[sl] if axis == 0 and scale.ndim else scale
+        z = zp[sl] if axis == 0 and zp.ndim else zp
+        out[sl] = _quantize_block(x[sl], s, z, params, ftype)
+    return out
+
+
+def _quantize_block(x: np.ndarray, scale: np.ndarray, zp: np.ndarray,
+                    params: TensorQuantParams, ftype: Any) -> np.ndarray:
     y = np.array(x, dtype=np.float32, copy=True).astype(ftype, copy=False)
     y /= scale
     np.rint(y, out=y)
     y += zp
     np.clip(y, params.qmin, params.qmax, out=y)
-    return y.astype(dtype or (np.int64 if wide else np.int32))
+    return y
 
 
 def dequantize(q: np.ndarray, params: TensorQuantParams) -> np.ndarray:
@@ -134,7 +152,10 @@ def weight_params_per_channel(
     """Symmetric signed per-channel parameters for a weight tensor (narrow range)."""
     axis = axis % w.ndim
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-    absmax = np.max(np.abs(w), axis=reduce_axes) if reduce_axes else np.abs(w)
+    if reduce_axes:  # max |w| per channel without a full-size temporary
+        absmax = np.maximum(np.max(w, axis=reduce_axes), -np.min(w, axis=reduce_axes))
+    else:
+        absmax = np.abs(w)
     scale, zp = scale_zero_point(
         -absmax, absmax, bits=bits, signed=True, symmetric=True, narrow_range=True
     )
@@ -145,7 +166,7 @@ def weight_params_per_channel(
 
 
 def weight_params_per_tensor(w: np.ndarray, *, bits: int = 8) -> TensorQuantParams:
-    absmax = float(np.max(np.abs(w))) if w.size else 0.0
+    absmax = max(float(np.max(w)), -float(np.min(w))) if w.size else 0.0
     scale, zp = scale_zero_point(
         -absmax, absmax, bits=bits, signed=True, symmetric=True, narrow_range=True
     )

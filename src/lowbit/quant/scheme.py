@@ -31,6 +31,17 @@ class CalibrationMethod(str, enum.Enum):
     ENTROPY = "entropy"
 
 
+class WeightGranularity(str, enum.Enum):
+    """INT8 weight granularity of static MatMul/Gemm (Conv is always per channel).
+
+    auto: per tensor where that is as good (see ``onnx.qdq``), else per channel.
+    """
+
+    AUTO = "auto"
+    CHANNEL = "channel"
+    TENSOR = "tensor"
+
+
 class Granularity(str, enum.Enum):
     TENSOR = "tensor"
     CHANNEL = "channel"
@@ -119,7 +130,7 @@ class QuantizeConfig:
     calibration: CalibrationMethod = CalibrationMethod.AUTO
     bits: int = 8
     percentile: float = 99.99
-    per_channel: bool = True
+    weight_granularity: WeightGranularity = WeightGranularity.AUTO
     strict: bool = False
     batch_size: int = 32
     max_calibration_samples: int = 256
@@ -133,6 +144,8 @@ class QuantizeConfig:
             self, "calibration", parse_enum(CalibrationMethod, self.calibration, "calibration")
         )
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+        object.__setattr__(self, "weight_granularity", parse_enum(
+            WeightGranularity, self.weight_granularity, "weight_granularity"))
         if self.bits != 8:
             raise ValidationError(
                 f"option bits: {self.bits} is not supported for INT8 quantization "

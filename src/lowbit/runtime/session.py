@@ -54,6 +54,8 @@ def make_session(
         source: Any = model.proto.SerializeToString()
     elif isinstance(model, onnx.ModelProto):
         source = model.SerializeToString()
+    elif isinstance(model, bytes):
+        source = model
     else:
         source = str(model)
     try:
