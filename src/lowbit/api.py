@@ -213,7 +213,7 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,
              threads: int = 1) -> dict[str, Any]:
     """Accuracy (with labels) and the outputs' shapes on ``data``."""
     from lowbit.report.metrics import accuracy
-    from lowbit.report.verify import run_all
+    from lowbit.runtime.session import run_batches
 
     proto = read_model(model) if not isinstance(model, onnx.ModelProto) else model
     session = make_session(proto, threads=threads, name=str(model) if not isinstance(
@@ -221,7 +221,7 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,
     from lowbit.runtime.session import input_specs
 
     dataset = as_dataset(data, input_specs(session))
-    outputs = run_all(session, dataset)
+    outputs = run_batches(session, dataset)
     result: dict[str, Any] = {"samples": dataset.num_samples,
                               "output_shapes": [list(o.shape) for o in outputs]}
     if dataset.labels is not None:

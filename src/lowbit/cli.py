@@ -90,6 +90,8 @@ def quantize(
                                           "default: the last 20% of --data, held back."),
     mode: str = typer.Option("auto", help="auto | static | dynamic"),
     calibration: str = typer.Option("auto", help="auto | minmax | percentile | mse | entropy"),
+    weights: str = typer.Option("auto", "--weights", help="Static MatMul/Gemm weight "
+                                "granularity: auto | channel | tensor (Conv: always channel)."),
     strict: bool = typer.Option(False, "--strict", help="Fail if an operator is not supported."),
     exclude: list[str] = typer.Option([], "--exclude", help="Node name to keep in float "
                                       "(repeatable)."),
@@ -115,7 +117,8 @@ def quantize(
         raise ValidationError(f"option --max-samples: {max_samples} must be >= 1")
 
     config = QuantizeConfig(mode=mode, calibration=calibration, strict=strict,  # type: ignore[arg-type]
-                            exclude_nodes=tuple(exclude), max_calibration_samples=max_samples)
+                            exclude_nodes=tuple(exclude), max_calibration_samples=max_samples,
+                            weight_granularity=weights)  # type: ignore[arg-type]
     show = not quiet and not as_json
     with _progress(show) as update:
         qm = api_quantize(str(model), str(data), config=config,

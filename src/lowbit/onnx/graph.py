@@ -54,15 +54,20 @@ class GraphIndex:
         info = self.value_info.get(name)
         if info is None or not info.type.tensor_type.HasField("shape"):
             return None
-        dims: list[int | str | None] = []
-        for d in info.type.tensor_type.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        return dims
+        return dims_of(info.type.tensor_type)
+
+
+def dims_of(tensor_type: onnx.TypeProto.Tensor) -> list[int | str | None]:
+    """A tensor type's dims: ints, symbolic names, or None when unknown."""
+    dims: list[int | str | None] = []
+    for d in tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
 
 
 class NameFactory:

@@ -22,7 +22,7 @@ from lowbit.quant.observers import HistogramObserver, select_range
 from lowbit.quant.scheme import CalibrationMethod, QuantizeConfig, QuantMode, TensorQuantParams
 from lowbit.report.metrics import sqnr_db
 from lowbit.runtime.memory import release_memory
-from lowbit.runtime.session import make_session
+from lowbit.runtime.session import make_session, run_batches
 
 CONCRETE_METHODS = (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE,
                     CalibrationMethod.MSE, CalibrationMethod.ENTROPY)
@@ -107,14 +107,7 @@ def _slow_int8_convs(model: FloatModel, plan: QuantPlan,
 
 
 def _outputs(session: Any, data: Dataset, batch_size: int) -> list[np.ndarray]:
-    parts: list[list[np.ndarray]] = []
-    for feed in data.batches(batch_size):
-        outs = session.run(None, feed)
-        if not parts:
-            parts = [[] for _ in outs]
-        for k, o in enumerate(outs):
-            parts[k].append(np.asarray(o, dtype=np.float64))
-    return [np.concatenate(p) for p in parts]
+    return [o.astype(np.float64) for o in run_batches(session, data, batch_size)]
 
 
 def quantize_onnx(

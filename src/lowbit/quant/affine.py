@@ -59,6 +59,8 @@ def scale_zero_point(
         zero_point = np.clip(zero_point, qmin, qmax)
     degenerate = ~(scale > MIN_SCALE)
     scale = np.where(degenerate, np.where(scale > 0, MIN_SCALE, 1.0), scale)
+    # ranges beyond float32 (only possible from float64 input) saturate, never inf
+    scale = np.minimum(scale, float(np.finfo(np.float32).max) / 2 ** (bits + 1))
     if not symmetric:
         zero_point = np.where(degenerate, np.clip(0, qmin, qmax), zero_point)
     return scale.astype(np.float32), zero_point.astype(np.int64)
@@ -185,14 +187,15 @@ def activation_params(lo: float, hi: float, *, bits: int = 8) -> TensorQuantPara
     )
 
 
-def pack_int4(values: np.ndarray) -> np.ndarray:
-    """Pack integers in [-8, 7] (or [0, 15]) two per byte, low nibble first.
-
-    An odd count is padded with a zero nibble. Returns uint8 of ceil(n/2) bytes.
+def pack_int4(values: np.ndarray, *, signed: bool | None = None) -> np.ndarray:
+    """Pack integers in [-8, 7] (``signed=True``) or [0, 15] (``signed=False``) two per
+    byte, low nibble first; ``signed=None`` accepts either range. An odd count is
+    padded with a zero nibble. Returns uint8 of ceil(n/2) bytes.
     """
     flat = np.asarray(values).reshape(-1).astype(np.int64)
-    if flat.size and (flat.min() < -8 or flat.max() > 15):
-        raise ValueError("int4 values must lie in [-8, 7] (signed) or [0, 15] (unsigned)")
+    lo, hi = {True: (-8, 7), False: (0, 15), None: (-8, 15)}[signed]
+    if flat.size and (flat.min() < lo or flat.max() > hi):
+        raise ValueError(f"int4 values must lie in [{lo}, {hi}]")
     nibbles = (flat & 0x0F).astype(np.uint8)
     if nibbles.size % 2:
         nibbles = np.concatenate([nibbles, np.zeros(1, dtype=np.uint8)])

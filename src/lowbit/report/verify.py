@@ -17,23 +17,18 @@ import onnx
 from lowbit.data import Dataset
 from lowbit.report.metrics import accuracy, mean_cosine, sqnr_db, top1_agreement
 from lowbit.runtime.latency import measure_side_by_side
-from lowbit.runtime.session import cpu_info, make_session, optimized_op_counts, unfused_qdq
+from lowbit.runtime.session import (
+    cpu_info,
+    make_session,
+    optimized_op_counts,
+    run_batches,
+    unfused_qdq,
+)
 
 # A degradation beyond any of these is flagged in the report.
 MIN_TOP1_AGREEMENT = 0.98
 MIN_SQNR_DB = 15.0
 MAX_ACCURACY_DROP_POINTS = 1.0
-
-
-def run_all(session: Any, data: Dataset, batch_size: int = 64) -> list[np.ndarray]:
-    parts: list[list[np.ndarray]] = []
-    for feed in data.batches(batch_size):
-        outs = session.run(None, feed)
-        if not parts:
-            parts = [[] for _ in outs]
-        for k, o in enumerate(outs):
-            parts[k].append(np.asarray(o))
-    return [np.concatenate(p) for p in parts]
 
 
 def check_model(model: onnx.ModelProto) -> str:
@@ -107,7 +102,7 @@ def verify(
     sess_f = make_session(float_model, threads=threads, name="float model")
     sess_q = make_session(compressed, threads=threads, name="compressed model")
     result["runtime"] = "onnxruntime loads and runs it"
-    ref, app = run_all(sess_f, holdout), run_all(sess_q, holdout)
+    ref, app = run_batches(sess_f, holdout), run_batches(sess_q, holdout)
     shapes_ok = [r.shape == a.shape for r, a in zip(ref, app)]
     result["agreement"] = agreement(ref, app, holdout.labels)
     result["agreement"]["source"] = holdout.source

@@ -14,6 +14,7 @@ import onnx
 
 from lowbit.data import InputSpec
 from lowbit.errors import ModelLoadError
+from lowbit.onnx.graph import dims_of
 from lowbit.onnx.store import FloatModel, is_reference
 
 _ORT_TO_NUMPY = {
@@ -86,16 +87,20 @@ def input_specs_of_model(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tt = inp.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        specs.append(InputSpec(inp.name, dtype, tuple(dims)))
+        specs.append(InputSpec(inp.name, dtype, tuple(dims_of(tt))))
     return specs
+
+
+def run_batches(session: Any, data: Any, batch_size: int = 64) -> list[np.ndarray]:
+    """Run ``data`` (a Dataset) through ``session`` batch by batch; outputs concatenated."""
+    parts: list[list[np.ndarray]] = []
+    for feed in data.batches(batch_size):
+        outs = session.run(None, feed)
+        if not parts:
+            parts = [[] for _ in outs]
+        for k, o in enumerate(outs):
+            parts[k].append(np.asarray(o))
+    return [np.concatenate(p) for p in parts]
 
 
 def optimized_op_counts(model: onnx.ModelProto, *, threads: int = 1) -> Counter[str]:
