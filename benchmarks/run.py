@@ -131,6 +131,7 @@ def bench_b2(tmp: Path) -> list[dict]:
 
 
 def bench_demo(tmp: Path) -> list[dict]:
+    from lowbit.data import digits_split
     from lowbit.demo import run_demo
 
     t0 = time.perf_counter()
@@ -138,13 +139,25 @@ def bench_demo(tmp: Path) -> list[dict]:
     secs = time.perf_counter() - t0
     acc = report["verification"]["agreement"]["accuracy"]
     lat = report["verification"]["latency"]
+    # The same float model with every Conv/Gemm forced to static INT8.
+    x_tr, _, x_te, y_te = digits_split(0)
+    rng = np.random.default_rng(0)
+    static = lowbit.quantize(str(tmp / "demo" / "digits_cnn.float.onnx"),
+                             x_tr[rng.choice(len(x_tr), 256, replace=False)],
+                             eval_data=(x_te, y_te), mode="static", batch=64)
+    s_acc = static.report["verification"]["agreement"]["accuracy"]
+    s_lat = static.report["verification"]["latency"]
     return [{"id": "B4", "what": "demo: INT8 test-accuracy drop (digits CNN)",
              "target": "<= 0.3 points, demo < 60 s",
-             "measured": f"{acc['drop_points']:.2f} points; demo {secs:.1f} s",
-             "pass": acc["drop_points"] <= 0.3 and secs < 60,
-             "details": (f"float {acc['float']:.4f}, INT8 {acc['compressed']:.4f} on 360 test "
-                         f"images; speed {lat['speedup']:.2f}x at batch {lat['batch']} "
-                         f"({report['nodes']['counts']})")}]
+             "measured": (f"auto (the demo): {acc['drop_points']:.2f} points; all-static INT8: "
+                          f"{s_acc['drop_points']:.2f} points; demo {secs:.1f} s"),
+             "pass": acc["drop_points"] <= 0.3 and s_acc["drop_points"] <= 0.3 and secs < 60,
+             "details": (f"float {acc['float']:.4f}, demo INT8 {acc['compressed']:.4f}, "
+                         f"all-static INT8 {s_acc['compressed']:.4f} on 360 test images. Speed at "
+                         f"batch {lat['batch']}: demo {lat['speedup']:.2f}x "
+                         f"({report['nodes']['counts']}; auto keeps the 1-channel Conv in float "
+                         f"because INT8 measured slower for it), all-static "
+                         f"{s_lat['speedup']:.2f}x: this model is too small for integer kernels")}]
 
 
 _BIG_SCRIPT = r"""

@@ -47,10 +47,14 @@ def render_quantize(report: dict[str, Any], console: Console, title: str = "floa
     console.print(table)
     cal = report.get("calibration", {})
     counts = report.get("nodes", {}).get("counts", {})
-    console.print(
-        f"calibration: {cal.get('method')} ({cal.get('samples')} samples"
-        + (f"; SQNR by method: {cal['sqnr_db_by_method']}" if cal.get("sqnr_db_by_method") else "")
-        + f"); nodes: {counts}")
+    if cal.get("method"):
+        console.print(
+            f"calibration: {cal['method']} ({cal.get('samples')} samples"
+            + (f"; output SQNR by method: {cal['sqnr_db_by_method']}"
+               if cal.get("sqnr_db_by_method") else "") + ")")
+    else:
+        console.print("calibration: not used (no statically quantized tensor in the result)")
+    console.print(f"nodes: {counts}")
     for flag in ver.get("flags", []):
         console.print(f"[yellow]warning ({flag['kind']}):[/yellow] {flag['message']}")
     for note in report.get("warnings", []):

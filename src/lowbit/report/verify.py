@@ -81,10 +81,12 @@ def speed_reasons(model: onnx.ModelProto) -> list[str]:
         decisions = json.loads(meta.get("lowbit.decisions", "[]"))
     except ValueError:
         decisions = []
-    n_float = sum(1 for d in decisions if d.get("treatment") == "float"
-                  and d.get("op_type") in ("Conv", "Gemm", "MatMul"))
-    if n_float:
-        reasons.append(f"{n_float} Conv/Gemm/MatMul op(s) stay in float")
+    kept = [d for d in decisions if d.get("treatment") == "float"
+            and d.get("op_type") in ("Conv", "Gemm", "MatMul")]
+    if kept:
+        first = kept[0]
+        reasons.append(f"{len(kept)} Conv/Gemm/MatMul op(s) stay in float (e.g. "
+                       f"{first.get('name')}: {first.get('reason')})")
     return reasons
 
 
