@@ -209,12 +209,22 @@ def bench_b5(tmp: Path) -> list[dict]:
                         f"auto calibration chose {r['method']}"}]
 
 
-BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": bench_demo, "B5": bench_b5}
+def _compression(name: str):
+    def run(tmp: Path) -> list[dict]:
+        import compression
+
+        return getattr(compression, name)(tmp)
+    return run
+
+
+BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": bench_demo, "B5": bench_b5,
+           "C1": _compression("bench_deep_compression"), "C4": _compression("bench_structured"),
+           "C5": _compression("bench_big_prune_cluster")}
 
 
 def render(rows: list[dict]) -> str:
     env = {**cpu_info(), **versions()}
-    lines = [f"## Foundation benchmarks ({date.today().isoformat()})", "",
+    lines = [f"## Results ({date.today().isoformat()})", "",
              f"CPU: {env['cpu']} ({env['cores']} cores, VNNI: {env['vnni']}); "
              f"python {env['python']}, numpy {env['numpy']}, onnx {env['onnx']}, "
              f"onnxruntime {env['onnxruntime']}, lowbit {env['lowbit']}", "",

@@ -84,7 +84,8 @@ def _first_batch(data: Any) -> Any:
     raise DataError("data is empty")
 
 
-def resolve_model(model: Any, data: Any) -> tuple[FloatModel, str, int | None]:
+def resolve_model(model: Any, data: Any, *, fold_bn: bool = True
+                  ) -> tuple[FloatModel, str, int | None]:
     """(normalised float ONNX model, display name, size on disk if a file)."""
     if _is_torch_module(model):
         from lowbit.torch.export import export_module
@@ -97,14 +98,14 @@ def resolve_model(model: Any, data: Any) -> tuple[FloatModel, str, int | None]:
         else:
             arr = sample.detach().cpu().numpy() if hasattr(sample, "detach") else np.asarray(sample)
             proto = export_module(model, arr[:2])
-        normalised, _ = load_model(proto)
+        normalised, _ = load_model(proto, fold_bn=fold_bn)
         return normalised, type(model).__name__, len(proto.SerializeToString())
     if isinstance(model, onnx.ModelProto):
-        normalised, name = load_model(model)
+        normalised, name = load_model(model, fold_bn=fold_bn)
         return normalised, name, len(model.SerializeToString())
     if isinstance(model, (str, os.PathLike)):
-        normalised, name = load_model(model)
-        return normalised, name, Path(model).stat().st_size
+        normalised, name = load_model(read_any(model), fold_bn=fold_bn)
+        return normalised, str(model), Path(model).stat().st_size
     raise ValidationError(
         f"model must be an ONNX file path, an onnx.ModelProto or a torch.nn.Module, "
         f"not {type(model).__name__}")
@@ -204,9 +205,30 @@ def _decisions(model: onnx.ModelProto) -> list[dict[str, str]]:
     return list(json.loads(meta.get("lowbit.decisions", "[]")))
 
 
+def read_any(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX file or a lowbit .lbz file (told apart by content, not name)."""
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+        from lowbit.container import read_lbz
+        from lowbit.container.format import MAGIC
+
+        if head == MAGIC[:4]:
+            model = read_lbz(p)
+            try:
+                onnx.checker.check_model(model)
+            except Exception as exc:
+                from lowbit.errors import ModelLoadError
+
+                raise ModelLoadError(f"{p}: the decoded model fails the ONNX checker: {exc}") from None
+            return model
+    return read_model(p)
+
+
 def load(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read and check a model file lowbit can use (ONNX)."""
-    return read_model(path)
+    """Read and check a model file lowbit can use (ONNX or .lbz)."""
+    return read_any(path)
 
 
 def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,
@@ -215,7 +237,7 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,
     from lowbit.report.metrics import accuracy
     from lowbit.runtime.session import run_batches
 
-    proto = read_model(model) if not isinstance(model, onnx.ModelProto) else model
+    proto = read_any(model) if not isinstance(model, onnx.ModelProto) else model
     session = make_session(proto, threads=threads, name=str(model) if not isinstance(
         model, onnx.ModelProto) else "model")
     from lowbit.runtime.session import input_specs

@@ -137,6 +137,153 @@ def quantize(
                                 "; ".join(f["kind"] for f in flags))
 
 
+def _save_compressed(cm: Any, output: Path, show: bool, as_json: bool, require: bool,
+                     title: str) -> None:
+    cm.save(output)
+    if show:
+        from lowbit.report.table import render_compression
+
+        render_compression(cm.report, out_console, title=title)
+        out_console.print(f"wrote {output} and {output.parent / 'report.json'}")
+    _emit(cm.report, as_json)
+    if require and cm.report.get("flags"):
+        raise TargetNotMetError("--require: the report flags " +
+                                "; ".join(f["kind"] for f in cm.report["flags"]))
+
+
+def _check_output(output: Path) -> None:
+    from lowbit.errors import ValidationError
+
+    if not output.parent.is_dir():
+        raise ValidationError(f"option --output: folder does not exist: {output.parent}")
+
+
+def _parse_nm(nm: str | None) -> tuple[int, int] | None:
+    from lowbit.errors import ValidationError
+
+    if not nm:
+        return None
+    try:
+        n, m = (int(v) for v in nm.split(":"))
+    except ValueError:
+        raise ValidationError(f"option --nm: {nm!r} must look like 2:4") from None
+    return n, m
+
+
+@app.command()
+def prune(
+    model: Path = typer.Argument(..., help="Float ONNX model (or .lbz)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output: .onnx, or .lbz (compressed)."),
+    sparsity: float = typer.Option(..., help="Fraction of weights (or channels) to remove, [0, 1)."),
+    structured: bool = typer.Option(False, "--structured", help="Remove whole channels/filters."),
+    importance: str = typer.Option("l1", help="Channel importance: l1 | l2 | bn."),
+    scope: str = typer.Option("layer", help="Unstructured threshold: layer | global."),
+    nm: str | None = typer.Option(None, "--nm", help="N:M semi-structured, e.g. 2:4."),
+    data: Path | None = typer.Option(None, "--data", help=".npz training data (x, y) for fine-tuning."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help=".npz evaluation data."),
+    epochs: int = typer.Option(0, help="Fine-tuning epochs (needs --data with labels)."),
+    lr: float = typer.Option(1e-3, help="Fine-tuning learning rate."),
+    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
+    require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a degradation."),
+    quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Magnitude pruning: unstructured (gradual with --epochs), N:M, or --structured channels.
+
+    Example: lowbit prune model.onnx -o model.pruned.lbz --sparsity 0.9 --data train.npz --epochs 5
+    """
+    from lowbit.workflow import prune as api_prune
+
+    _check_output(output)
+    show = not quiet and not as_json
+    with _progress(show) as update:
+        cm = api_prune(str(model), str(data) if data else None, sparsity=sparsity,
+                       structured=structured, importance=importance, scope=scope,
+                       nm=_parse_nm(nm), epochs=epochs, lr=lr, threads=threads,
+                       eval_data=str(eval_data) if eval_data else None, progress=update)
+    _save_compressed(cm, output, show, as_json, require, "original vs pruned")
+
+
+@app.command()
+def cluster(
+    model: Path = typer.Argument(..., help="Float ONNX model (or .lbz)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output: .onnx, or .lbz (compressed)."),
+    bits: int = typer.Option(..., help="Bits per shared value: 1..8 (2**bits clusters per layer)."),
+    data: Path | None = typer.Option(None, "--data", help=".npz training data (x, y) for "
+                                     "centroid fine-tuning."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help=".npz evaluation data."),
+    epochs: int = typer.Option(0, help="Centroid fine-tuning epochs."),
+    lr: float = typer.Option(1e-4, help="Centroid learning rate."),
+    init: str = typer.Option("linear", help="Centroid init: linear | density | random."),
+    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
+    require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a degradation."),
+    quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Weight sharing: per-layer k-means; pruned zeros stay zero.
+
+    Example: lowbit cluster model.onnx -o model.c4.lbz --bits 4 --data train.npz --epochs 2
+    """
+    from lowbit.workflow import cluster as api_cluster
+
+    _check_output(output)
+    show = not quiet and not as_json
+    with _progress(show) as update:
+        cm = api_cluster(str(model), str(data) if data else None, bits=bits, epochs=epochs, lr=lr,
+                         init=init, threads=threads,
+                         eval_data=str(eval_data) if eval_data else None, progress=update)
+    _save_compressed(cm, output, show, as_json, require, "original vs clustered")
+
+
+@app.command()
+def compress(
+    model: Path = typer.Argument(..., help="Float ONNX model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .lbz (or .onnx)."),
+    sparsity: float = typer.Option(0.9, help="Weights to prune, [0, 1)."),
+    bits: int = typer.Option(5, help="Bits per shared value, 1..8."),
+    data: Path | None = typer.Option(None, "--data", help=".npz training data (x, y)."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help=".npz evaluation data."),
+    epochs: int = typer.Option(0, help="Fine-tuning epochs for each stage."),
+    lr: float = typer.Option(1e-3, help="Learning rate (centroids use a tenth)."),
+    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
+    require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a degradation."),
+    quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Prune + cluster + encode (Deep Compression) into a small .lbz file.
+
+    Example: lowbit compress lenet.onnx -o lenet.lbz --sparsity 0.95 --bits 5 --data train.npz --epochs 10
+    """
+    from lowbit.workflow import compress as api_compress
+
+    _check_output(output)
+    show = not quiet and not as_json
+    with _progress(show) as update:
+        cm = api_compress(str(model), str(data) if data else None, sparsity=sparsity, bits=bits,
+                          epochs=epochs, lr=lr, threads=threads,
+                          eval_data=str(eval_data) if eval_data else None, progress=update)
+    _save_compressed(cm, output, show, as_json, require, "original vs compressed")
+
+
+@app.command()
+def unpack(
+    model: Path = typer.Argument(..., help="A .lbz file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the ONNX model."),
+) -> None:
+    """Decode a .lbz file into a runnable ONNX model (weights bit for bit).
+
+    Example: lowbit unpack model.lbz -o model.onnx
+    """
+    from lowbit.container import read_lbz
+    from lowbit.fileio import write_bytes_atomic
+
+    _check_output(output)
+    proto = read_lbz(model)
+    write_bytes_atomic(output, proto.SerializeToString())
+    out_console.print(f"wrote {output} ({output.stat().st_size:,} bytes) from {model} "
+                      f"({model.stat().st_size:,} bytes)")
+
+
 @app.command()
 def bench(
     models: list[Path] = typer.Argument(..., help="ONNX models; ratios are against the first."),

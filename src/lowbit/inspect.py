@@ -11,7 +11,6 @@ from typing import Any
 
 import onnx
 
-from lowbit.onnx.load import read_model
 from lowbit.onnx.registry import NEUTRAL_OPS, rule_for
 
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
@@ -29,8 +28,17 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    model = read_model(path)
-    return inspect_proto(model, name=str(path), size=Path(path).stat().st_size)
+    from lowbit.api import read_any
+
+    model = read_any(path)
+    info = inspect_proto(model, name=str(path), size=Path(path).stat().st_size)
+    data = Path(path).read_bytes()
+    from lowbit.container import breakdown
+    from lowbit.container.format import MAGIC
+
+    if data[:4] == MAGIC[:4]:
+        info["lbz"] = breakdown(data)
+    return info
 
 
 def inspect_proto(model: onnx.ModelProto, *, name: str = "model", size: int | None = None) -> dict[str, Any]:

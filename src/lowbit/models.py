@@ -58,3 +58,28 @@ def mlp(sizes: tuple[int, ...] = (1024, 2048, 2048, 10)) -> Any:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def lenet_300_100(input_size: int = 64, num_classes: int = 10) -> Any:
+    """LeNet-300-100 (LeCun et al. 1998): input -> 300 -> 100 -> classes, ReLU.
+
+    The original takes 28x28 = 784 inputs (266k weights); ``input_size`` adapts it
+    (64 for the bundled 8x8 digits).
+    """
+    return mlp((input_size, 300, 100, num_classes))
+
+
+def lenet5(side: int = 8, num_classes: int = 10) -> Any:
+    """LeNet-5 as in Deep Compression's Caffe model: conv 5x5x20 -> pool -> conv 5x5x50 ->
+    pool -> fc 500 -> fc classes. For 28x28 input the convs are unpadded (431k weights);
+    for small inputs (8x8 digits) they are padded by 2 so the feature maps stay valid."""
+    nn = _nn()
+    pad = 0 if side >= 28 else 2
+    after1 = (side + 2 * pad - 4) // 2
+    after2 = (after1 + 2 * pad - 4) // 2
+    return nn.Sequential(
+        nn.Conv2d(1, 20, kernel_size=5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, kernel_size=5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(50 * after2 * after2, 500), nn.ReLU(),
+        nn.Linear(500, num_classes),
+    )

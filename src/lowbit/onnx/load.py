@@ -67,7 +67,7 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def normalise(model: onnx.ModelProto, *, name: str = "model") -> FloatModel:
+def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = True) -> FloatModel:
     """Normalised float model: constants as initializers, opset >= 13, shapes inferred,
     BatchNorm folded; large weights split out as numpy arrays (see ``store``)."""
     fm = FloatModel.split(model)
@@ -96,7 +96,8 @@ def normalise(model: onnx.ModelProto, *, name: str = "model") -> FloatModel:
     check_finite_weights(fm, name=name)
     from lowbit.onnx.fold import fold_batchnorm
 
-    fold_batchnorm(fm)
+    if fold_bn:
+        fold_batchnorm(fm)
     from lowbit.runtime.memory import release_memory
 
     release_memory()
@@ -139,7 +140,8 @@ def check_finite_weights(fm: FloatModel, *, name: str = "model") -> None:
             )
 
 
-def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[FloatModel, str]:
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *,
+               fold_bn: bool = True) -> tuple[FloatModel, str]:
     """Read (if a path) and normalise a model. Returns (model, display name)."""
     if isinstance(source, onnx.ModelProto):
         name = "model"
@@ -147,6 +149,6 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> tuple[FloatM
             onnx.checker.check_model(source)
         except Exception as exc:
             raise ModelLoadError(f"model fails the ONNX checker: {_first_line(exc)}") from None
-        return normalise(source, name=name), name
+        return normalise(source, name=name, fold_bn=fold_bn), name
     name = str(source)
-    return normalise(read_model(source), name=name), name
+    return normalise(read_model(source), name=name, fold_bn=fold_bn), name

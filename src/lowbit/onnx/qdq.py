@@ -62,7 +62,8 @@ class _Writer:
         q_name = self.const(f"{tensor}_quantized", q)
         scale, zp = self.params_inputs(tensor, params)
         out = self.names(f"{tensor}_dequantized")
-        attrs = {"axis": params.axis} if params.granularity is Granularity.CHANNEL else {}
+        attrs: dict[str, Any] = (
+            {"axis": params.axis} if params.granularity is Granularity.CHANNEL else {})
         self.new_nodes.append(helper.make_node(
             "DequantizeLinear", [q_name, scale, zp], [out],
             name=self.names(f"{tensor}_DequantizeLinear"), **attrs))
@@ -214,7 +215,7 @@ def _static_weights(w: _Writer, node: onnx.NodeProto, index: GraphIndex,
                 scale=b_scale, zero_point=np.zeros(n_out, np.int64), axis=0,
             )
             node.input[2] = w.dequantized_constant(bias_name, bias, b_params)
-        elif not np.array_equal(bias, index.constant(bias_name)):
+        elif not np.array_equal(bias, np.asarray(index.constant(bias_name))):
             node.input[2] = w.const(f"{bias_name}_scaled", bias.astype(np.float32))
     return "per-channel" if params.granularity is Granularity.CHANNEL else "per-tensor"
 

@@ -61,6 +61,35 @@ def render_quantize(report: dict[str, Any], console: Console, title: str = "floa
         console.print(f"[yellow]warning:[/yellow] {note}")
 
 
+def render_compression(report: dict[str, Any], console: Console, title: str) -> None:
+    sizes, ag, lat = report.get("sizes", {}), report.get("agreement", {}), report.get("latency", {})
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("original", justify="right")
+    table.add_column("compressed", justify="right")
+    acc = ag.get("accuracy")
+    if acc:
+        table.add_row("accuracy", _pct(acc["float"]), _pct(acc["compressed"]))
+    if ag.get("top1_agreement") is not None:
+        table.add_row("top-1 agreement", "100.00%", _pct(ag["top1_agreement"]))
+    table.add_row("weight sparsity", "-", _pct(report.get("weight_sparsity")))
+    table.add_row("size: ONNX", fmt_bytes(sizes.get("float_onnx_bytes")),
+                  fmt_bytes(sizes.get("compressed_onnx_bytes")))
+    table.add_row("size: .lbz", "-", f"{fmt_bytes(sizes.get('lbz_bytes'))} "
+                  f"({sizes.get('lbz_ratio', 0):.1f}x smaller)")
+    if lat:
+        table.add_row(f"float latency p50 (batch {lat['batch']}, {lat['threads']} thread)",
+                      f"{lat['original']['p50_ms']:.3f} ms", f"{lat['compressed']['p50_ms']:.3f} ms")
+        table.add_row("speedup", "1.00x", f"{lat['speedup']:.2f}x")
+    console.print(table)
+    for name, why in report.get("skipped", {}).items():
+        console.print(f"skipped {name}: {why}")
+    for note in report.get("notes", []):
+        console.print(f"note: {note}")
+    for flag in report.get("flags", []):
+        console.print(f"[yellow]warning ({flag['kind']}):[/yellow] {flag['message']}")
+
+
 def render_bench(result: dict[str, Any], console: Console) -> None:
     table = Table(title=f"batch {result['batch']}, {result['threads']} intra-op thread(s)")
     for col in ("model", "size", "p50 ms", "p90 ms", "samples/s", "speedup", "size ratio",

@@ -10,7 +10,6 @@ import numpy as np
 
 from lowbit.data import Dataset, InputSpec, as_dataset
 from lowbit.errors import ValidationError
-from lowbit.onnx.load import read_model
 from lowbit.report.metrics import accuracy
 from lowbit.runtime.latency import measure_side_by_side
 from lowbit.runtime.session import cpu_info, input_specs, make_session, versions
@@ -32,6 +31,11 @@ def synthetic_feed(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[st
     return feed
 
 
+def feed_for(data: Dataset | None, specs: list[InputSpec], batch: int) -> dict[str, np.ndarray]:
+    """One batch of inputs for timing: from ``data`` if given, else seeded synthetic."""
+    return data.feed(batch) if data is not None else synthetic_feed(specs, batch)
+
+
 def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch: int = 8,
                  threads: int = 1, iterations: int = 50) -> dict[str, Any]:
     if not paths:
@@ -40,8 +44,10 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch
         raise ValidationError("options batch, threads and iterations must be >= 1")
     sessions, feeds, datasets = [], [], []
     for path in paths:
-        read_model(path)  # one clear error for a bad file before ONNX Runtime sees it
-        sess = make_session(path, threads=threads, name=str(path))
+        from lowbit.api import read_any
+
+        proto = read_any(path)  # ONNX or .lbz; one clear error for a bad file
+        sess = make_session(proto, threads=threads, name=str(path))
         specs = input_specs(sess)
         ds: Dataset | None = as_dataset(data, specs) if data is not None else None
         sessions.append(sess)

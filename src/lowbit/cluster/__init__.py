@@ -1,0 +1,1 @@
+"""Weight sharing: per-layer k-means clustering of weights."""

@@ -1,0 +1,1 @@
+"""Pruning: unstructured magnitude masks, schedules, N:M masks, structured channel removal."""
