@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from common import digits_upsampled, time_side_by_side, train  # noqa: I001
 
 import lowbit
 from lowbit.data import digits_split
 from lowbit.torch.export import export_module
 from lowbit.workflow import compress, prune
-
-from common import digits_upsampled, time_side_by_side, train  # noqa: I001
 
 
 def digits_resized(side: int):

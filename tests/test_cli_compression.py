@@ -10,12 +10,25 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from lowbit import models
 from lowbit.cli import main
 from lowbit.data import digits_split
 from lowbit.torch.export import export_module
 from lowbit.torch.train import train_classifier
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Fine-tuning uses torch's default thread count; on a small shared machine a busy
+    neighbour makes that 10-40x slower. One thread keeps these tests' time steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
@@ -104,8 +117,6 @@ def test_prune_structured(work, capsys, tmp_path):
 
 
 def test_prune_nm(work, capsys, tmp_path):
-    import torch
-
     module = models.lenet_300_100(64)  # 64, 300, 100: every input axis a multiple of 4
     model = export_module(module, np.zeros((2, 64), np.float32))
     src = tmp_path / "mlp.onnx"
@@ -116,11 +127,10 @@ def test_prune_nm(work, capsys, tmp_path):
     assert rc == 0, err
     report = json.loads(stdout)
     assert any("no CPU speedup" in n for n in report["notes"])
-    from lowbit.prune.nm import is_nm_sparse
+    from lowbit.pruning.nm import is_nm_sparse
 
     for w in weights_of(onnx.load(str(out))).values():
         assert is_nm_sparse(w, 2, 4, axis=1)
-    del torch
 
 
 def test_cluster_4_bits(work, capsys, tmp_path):
@@ -182,6 +192,21 @@ def test_inspect_lbz_table_shows_the_breakdown(work, capsys):
     assert "codebook" in text and "indices" in text  # the per-part .lbz sizes are shown
 
 
+def test_prune_an_lbz_input(work, capsys, tmp_path):
+    out = tmp_path / "again.lbz"
+    rc, _, err = run_cli(capsys, "prune", work["lbz"], "--sparsity", "0.9", "-o", out, "--quiet")
+    assert rc == 0, err
+    assert out.is_file()
+
+
+def test_unpack_of_a_plain_onnx_file_is_exit_2(work, capsys, tmp_path):
+    out = tmp_path / "y.onnx"
+    rc, stdout, err = run_cli(capsys, "unpack", work["onnx"], "-o", out)
+    assert rc == 2
+    assert str(work["onnx"]) in err.replace("\n", "") and "lbz" in err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------- bad values: exit 2
 
 
@@ -193,6 +218,10 @@ def test_inspect_lbz_table_shows_the_breakdown(work, capsys):
     (["cluster", "--bits", "0"], "bits"),
     (["compress", "--bits", "9"], "bits"),
     (["compress", "--sparsity", "1.0"], "sparsity"),
+    (["prune", "--sparsity", "0.5", "--nm", "4:2"], "n:m"),
+    (["prune", "--sparsity", "0.5", "--scope", "everything"], "scope"),
+    (["prune", "--sparsity", "0.5", "--structured", "--importance", "size"], "importance"),
+    (["cluster", "--bits", "4", "--init", "kmeans++"], "init"),
 ])
 def test_bad_values_exit_2_and_write_nothing(work, capsys, tmp_path, args, word):
     out = tmp_path / "out.lbz"
@@ -201,6 +230,13 @@ def test_bad_values_exit_2_and_write_nothing(work, capsys, tmp_path, args, word)
     assert word in err
     assert "Traceback" not in err + stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_folder_is_exit_2(work, capsys, tmp_path):
+    out = tmp_path / "no" / "such" / "x.lbz"
+    rc, _, err = run_cli(capsys, "prune", work["onnx"], "--sparsity", "0.5", "-o", out)
+    assert rc == 2 and "--output" in err
+    assert not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize("verb", ["unpack", "bench", "eval", "inspect", "prune"])
@@ -221,3 +257,22 @@ def test_tampered_lbz_exit_2_naming_the_file(work, capsys, tmp_path, verb):
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
     assert set(work["dir"].iterdir()) == before
+
+
+def test_error_message_keeps_brackets_in_a_file_name(work, capsys, tmp_path):
+    # the message is user text, not rich markup: "[red]" must be printed, not eaten
+    bad = tmp_path / "model[red].lbz"
+    bad.write_bytes(tampered(work, "bad_brackets.lbz").read_bytes())
+    out = tmp_path / "y.onnx"
+    rc, stdout, err = run_cli(capsys, "unpack", bad, "-o", out)
+    assert rc == 2
+    assert str(bad) in err.replace("\n", "")
+    assert not out.exists()
+
+
+def test_error_message_with_a_closing_tag_in_a_file_name_is_no_crash(capsys, tmp_path):
+    missing = tmp_path / "missing[/x].lbz"
+    rc, stdout, err = run_cli(capsys, "unpack", missing, "-o", tmp_path / "y.onnx")
+    assert rc == 2
+    assert str(missing) in err.replace("\n", "")
+    assert "Traceback" not in err + stdout

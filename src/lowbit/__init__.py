@@ -5,7 +5,8 @@ Public API (heavy dependencies are imported only when a function is called)::
     import lowbit
     qm = lowbit.quantize("model.onnx", "calib.npz")   # or (torch_module, sample_arrays)
     qm.save("model.int8.onnx")                        # + report.json beside it
-    print(qm.report["agreement"])
+    cm = lowbit.compress("model.onnx", "train.npz", sparsity=0.95, bits=5, epochs=30)
+    cm.save("model.lbz")
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "evaluate", "bench", "inspect_model", "load", "QuantizedModel",
+__all__ = ["quantize", "prune", "cluster", "compress", "evaluate", "bench", "inspect_model",
+           "load", "QuantizedModel", "CompressedModel",
            "QuantizeConfig", "QuantMode", "CalibrationMethod", "LowbitError", "__version__"]
 
 from lowbit.errors import LowbitError  # noqa: E402  (cheap, no heavy imports)
@@ -25,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from lowbit import api
 
         return getattr(api, name)
+    if name in ("prune", "cluster", "compress", "CompressedModel"):
+        from lowbit import workflow
+
+        return getattr(workflow, name)
     if name in ("QuantizeConfig", "QuantMode", "CalibrationMethod"):
         from lowbit.quant import scheme
 

@@ -104,7 +104,9 @@ def resolve_model(model: Any, data: Any, *, fold_bn: bool = True
         normalised, name = load_model(model, fold_bn=fold_bn)
         return normalised, name, len(model.SerializeToString())
     if isinstance(model, (str, os.PathLike)):
-        normalised, name = load_model(read_any(model), fold_bn=fold_bn)
+        from lowbit.onnx.load import normalise
+
+        normalised = normalise(read_any(model), name=str(model), fold_bn=fold_bn)
         return normalised, str(model), Path(model).stat().st_size
     raise ValidationError(
         f"model must be an ONNX file path, an onnx.ModelProto or a torch.nn.Module, "

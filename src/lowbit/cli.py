@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as exc:
         if _DEBUG["on"]:
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print("error: " + str(exc), markup=False, emoji=False, highlight=False,
+                          soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -375,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # anything unexpected: one line, not a traceback
         if _DEBUG["on"]:
             raise
-        err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
-                          "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
+        err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for "
+                          "the traceback)", markup=False, emoji=False, highlight=False,
+                          soft_wrap=True)
         return 1
     return 0
 

@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lowbit.cluster.kmeans import Clustering, check_bits, kmeans_1d
+from lowbit.clustering.kmeans import Clustering, check_bits, kmeans_1d
 from lowbit.data import Dataset, as_dataset
 from lowbit.errors import UnsupportedOpError, ValidationError
 from lowbit.fileio import write_bytes_atomic, write_json_atomic
 from lowbit.onnx.graph import GraphIndex
 from lowbit.onnx.store import FloatModel
-from lowbit.prune.magnitude import check_sparsity, global_masks, layer_mask
-from lowbit.prune.nm import nm_mask
-from lowbit.prune.schedules import polynomial_decay_schedule
+from lowbit.pruning.magnitude import check_sparsity, global_masks, layer_mask
+from lowbit.pruning.nm import nm_mask
+from lowbit.pruning.schedules import polynomial_decay_schedule
 from lowbit.runtime.session import input_specs_of_model
 from lowbit.torch.finetune import FinetuneSpec, finetune, steps_per_epoch, with_weights
 from lowbit.torch.from_onnx import bias_names, weight_names
@@ -119,13 +119,15 @@ def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = F
     sparsity = check_sparsity(sparsity)
     if scope not in ("layer", "global"):
         raise ValidationError(f"option scope: {scope!r} must be 'layer' or 'global'")
+    if nm is not None and not (1 <= nm[0] < nm[1]):
+        raise ValidationError(f"option nm (n:m): need 1 <= n < m, got {nm[0]}:{nm[1]}")
     t0 = time.perf_counter()
     fm, name, train, evals = _prepare(model, data, eval_data, fold_bn=importance != "bn")
     notes: list[str] = []
     tune = _fine_tune_possible(fm, train, epochs, notes)
     skipped: dict[str, str] = {}
     if structured:
-        from lowbit.prune.structured import apply_channel_pruning, plan_channel_pruning
+        from lowbit.pruning.structured import apply_channel_pruning, plan_channel_pruning
 
         plan = plan_channel_pruning(fm, ratio=sparsity, importance=importance,
                                     layers=set(layers) if layers else None)
@@ -136,7 +138,7 @@ def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = F
                                                           batch_size=batch_size),
                               _epoch_progress(progress, "fine-tuning"))
             result = with_weights(result, values)
-        kind = {"structured": {n: int(len(k)) for n, k in plan.keep.items()}}
+        kind = {"channels_kept": {n: int(len(k)) for n, k in plan.keep.items()}}
     else:
         names = _layers(fm, layers)
         weights = {n: np.asarray(fm.constant(n)) for n in names}
@@ -146,7 +148,14 @@ def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = F
                 names.remove(n)
                 weights.pop(n)
         if nm is not None:
-            masks = {n: _nm_mask(fm, n, weights[n], nm) for n in names}
+            masks = {}
+            for n in list(names):
+                try:
+                    masks[n] = _nm_mask(fm, n, weights[n], nm)
+                except ValidationError as exc:
+                    skipped[n] = str(exc)
+                    names.remove(n)
+                    weights.pop(n)
         elif scope == "global":
             masks = global_masks(weights, sparsity)
         else:
@@ -167,6 +176,8 @@ def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = F
             values = _masked(weights, masks)
         result = with_weights(fm, values)
         kind = {"unstructured": {"scope": scope, "nm": list(nm) if nm else None}}
+    if nm is not None:
+        sparsity = 1.0 - nm[0] / nm[1]  # what N:M means; the option value is not used
     report = _report("lowbit prune", name, fm, result, evals, notes, skipped, threads,
                      {"sparsity": sparsity, "structured": structured, "importance": importance,
                       "epochs": epochs if tune else 0, **kind}, t0)
@@ -229,11 +240,13 @@ def cluster(model: Any, data: Any = None, *, bits: int, epochs: int = 0, lr: flo
 
 def compress(model: Any, data: Any = None, *, sparsity: float = 0.9, bits: int = 5,
              epochs: int = 0, cluster_epochs: int | None = None, lr: float = 1e-3,
-             eval_data: Any = None, scope: str = "layer", seed: int = 0, threads: int = 1,
+             eval_data: Any = None, scope: str = "global", seed: int = 0, threads: int = 1,
              progress: ProgressFn | None = None) -> CompressedModel:
     """Deep-Compression pipeline: prune (gradually, if data), cluster (centroids fine-tuned,
     if data); save as ``.lbz`` for the small file."""
     t0 = time.perf_counter()
+    check_sparsity(sparsity)
+    check_bits(bits)  # fail before any fine-tuning, not after the pruning stage
     pruned = prune(model, data, sparsity=sparsity, scope=scope, epochs=epochs, lr=lr,
                    eval_data=eval_data, seed=seed, threads=threads, progress=progress)
     clustered = cluster(pruned.model, data, bits=bits, eval_data=eval_data, seed=seed,

@@ -9,18 +9,30 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import models
-from lowbit.cluster.kmeans import kmeans_1d
+from lowbit.clustering.kmeans import kmeans_1d
 from lowbit.data import Dataset, digits_split
 from lowbit.errors import DataError, UnsupportedOpError
 from lowbit.onnx.load import load_model
 from lowbit.onnx.store import FloatModel
-from lowbit.prune.magnitude import layer_mask
-from lowbit.prune.schedules import polynomial_decay_schedule
+from lowbit.pruning.magnitude import layer_mask
+from lowbit.pruning.schedules import polynomial_decay_schedule
 from lowbit.runtime.session import make_session
 from lowbit.torch.export import export_module
 from lowbit.torch.finetune import FinetuneSpec, finetune, steps_per_epoch, with_weights
 from lowbit.torch.from_onnx import OnnxModule, bias_names, weight_names
 from lowbit.torch.train import train_classifier
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Fine-tuning uses torch's default thread count; on a small shared machine a busy
+    neighbour makes that 10-40x slower. One thread keeps these tests' time steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _ort(fm: FloatModel, x: np.ndarray) -> np.ndarray:

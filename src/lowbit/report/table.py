@@ -120,3 +120,22 @@ def render_inspect(info: dict[str, Any], console: Console) -> None:
                       fmt_bytes(layer["weight_bytes"]), ",".join(layer["weight_dtypes"]),
                       layer["reason"])
     console.print(table)
+    lbz = info.get("lbz")
+    if lbz:
+        render_lbz(lbz, console)
+
+
+def render_lbz(lbz: dict[str, Any], console: Console) -> None:
+    table = Table(title=f".lbz v{lbz['format_version']}: {lbz['file_bytes']:,} bytes "
+                        f"(per-tensor bytes: {lbz.get('attribution', '?')} share of each part)")
+    for col in ("initializer", "shape", "encoding", "sparsity", "clusters", "bits", "bytes"):
+        table.add_column(col, justify="left" if col in ("initializer", "encoding") else "right")
+    for t in lbz["initializers"]:
+        table.add_row(t["name"], "x".join(str(d) for d in t["shape"]) or "scalar", t["encoding"],
+                      f"{100 * t['sparsity']:.1f}%" if t.get("sparsity") is not None else "-",
+                      str(t["clusters"]) if t.get("clusters") else "-",
+                      str(t["bits"]) if t.get("bits") is not None else "-",
+                      f"{t['bytes']:.0f}" if t.get("bytes") is not None else "in graph")
+    console.print(table)
+    parts = ", ".join(f"{k} {v:,} B" for k, v in lbz["parts"].items())
+    console.print(f"file breakdown: {parts}")

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.cluster.kmeans import Clustering
+from lowbit.clustering.kmeans import Clustering
 from lowbit.data import Dataset
 from lowbit.errors import DataError
 from lowbit.onnx.store import FloatModel
-from lowbit.prune.magnitude import global_masks, layer_mask
+from lowbit.pruning.magnitude import global_masks, layer_mask
 from lowbit.torch.from_onnx import OnnxModule
 
 

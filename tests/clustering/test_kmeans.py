@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lowbit.cluster.kmeans import Clustering, check_bits, kmeans_1d
+from lowbit.clustering.kmeans import Clustering, check_bits, kmeans_1d
 from lowbit.errors import ValidationError
 
 WEIGHTS = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=12),

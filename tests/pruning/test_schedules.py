@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import ValidationError
-from lowbit.prune.schedules import (
+from lowbit.pruning.schedules import (
     ConstantSparsity,
     PolynomialDecaySparsity,
     polynomial_decay_schedule,

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lowbit.errors import ValidationError
-from lowbit.prune.magnitude import check_sparsity, global_masks, layer_mask, sparsity_of
+from lowbit.pruning.magnitude import check_sparsity, global_masks, layer_mask, sparsity_of
 
 FLOATS = st.floats(-100, 100, allow_nan=False, width=32)
 SPARSITY = st.floats(0.0, 0.999, allow_nan=False)

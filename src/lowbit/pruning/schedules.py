@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.errors import ValidationError
-from lowbit.prune.magnitude import check_sparsity
+from lowbit.pruning.magnitude import check_sparsity
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class PolynomialDecaySparsity:
     def __post_init__(self) -> None:
         check_sparsity(self.initial, "initial_sparsity")
         check_sparsity(self.final, "final_sparsity")
+        if self.final < self.initial:
+            raise ValidationError(
+                f"schedule: final sparsity {self.final} is below initial {self.initial} "
+                "(masks only grow)")
         if self.end_step <= self.begin_step:
             raise ValidationError(
                 f"schedule: end_step ({self.end_step}) must be after begin_step ({self.begin_step})")

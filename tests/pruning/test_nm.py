@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lowbit.errors import ValidationError
-from lowbit.prune.nm import is_nm_sparse, nm_mask
+from lowbit.pruning.nm import is_nm_sparse, nm_mask
 
 
 def test_nm_mask_golden_2_4():

@@ -21,7 +21,8 @@ def nm_mask(weight: np.ndarray, n: int = 2, m: int = 4, *, axis: int = -1) -> np
     k = moved.shape[-1]
     if k % m:
         raise ValidationError(
-            f"n:m sparsity {n}:{m}: the input axis has {k} weights, not a multiple of {m}")
+            f"n:m sparsity {n}:{m} does not apply: the input axis has {k} weights, not a "
+            f"multiple of {m}")
     groups = moved.reshape(-1, k // m, m)  # (rows, groups, m)
     order = np.argsort(-groups, axis=-1, kind="stable")[..., :n]
     keep = np.zeros(groups.shape, dtype=bool)

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lowbit import models
 from lowbit.errors import ValidationError
 from lowbit.onnx.store import FloatModel
-from lowbit.prune.structured import ChannelPlan, apply_channel_pruning, plan_channel_pruning
+from lowbit.pruning.structured import ChannelPlan, apply_channel_pruning, plan_channel_pruning
 from lowbit.runtime.session import make_session
 from lowbit.torch.export import export_module
 
