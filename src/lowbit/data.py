@@ -58,7 +58,10 @@ class Dataset:
         return {k: np.ascontiguousarray(v[idx]) for k, v in self.inputs.items()}
 
 
-def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def load_npz(path: str | os.PathLike[str], limit: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file; with ``limit``, only the first ``limit`` rows of each
+    are read (streamed from the archive), so a huge calibration file costs no more
+    memory than the samples used."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file not found: {p}")
@@ -70,7 +73,14 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         with np.load(str(p), allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise DataError(f"data file {p} is a single .npy array; expected an .npz archive")
-            arrays = {k: npz[k] for k in npz.files}
+            if limit is None:
+                arrays = {k: npz[k] for k in npz.files}
+            else:
+                declared: dict[str, int] = {}
+                arrays = {k: _read_rows(npz, k, limit, declared) for k in npz.files}
+                if len(set(declared.values())) > 1:
+                    raise DataError(f"data file {p}: arrays have different sample counts "
+                                    f"{declared}")
     except DataError:
         raise
     except ValueError as exc:
@@ -85,6 +95,27 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     if not arrays:
         raise DataError(f"data file {p} holds no arrays")
     return arrays
+
+
+def _read_rows(npz: Any, key: str, limit: int, declared: dict[str, int]) -> np.ndarray:
+    """The first ``limit`` rows of member ``key`` without reading the rest."""
+    from numpy.lib import format as npy_format
+
+    with npz.zip.open(f"{key}.npy") as fh:
+        version = npy_format.read_magic(fh)
+        reader = (npy_format.read_array_header_1_0 if version == (1, 0)
+                  else npy_format.read_array_header_2_0)
+        shape, fortran, dtype = reader(fh)
+        if len(shape):
+            declared[key] = int(shape[0])
+        if fortran or dtype.hasobject or len(shape) == 0 or shape[0] <= limit:
+            return npz[key]  # the plain reader (refuses pickled objects)
+        rows = limit
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        buf = fh.read(rows * row_bytes)
+        if len(buf) != rows * row_bytes:
+            raise EOFError(f"member {key} is truncated")
+        return np.frombuffer(buf, dtype=dtype).reshape((rows, *shape[1:])).copy()
 
 
 def _to_numpy(value: Any, what: str) -> np.ndarray:
@@ -133,7 +164,7 @@ def as_dataset(
     labels: np.ndarray | None = None
     if isinstance(data, (str, os.PathLike)):
         source = source or str(data)
-        raw: dict[str, Any] = dict(load_npz(data))
+        raw: dict[str, Any] = dict(load_npz(data, limit=limit))
     elif isinstance(data, dict):
         raw = dict(data)
     elif isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):

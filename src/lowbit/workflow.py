@@ -138,7 +138,7 @@ def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = F
                                                           batch_size=batch_size),
                               _epoch_progress(progress, "fine-tuning"))
             result = with_weights(result, values)
-        kind = {"channels_kept": {n: int(len(k)) for n, k in plan.keep.items()}}
+        kind: dict[str, Any] = {"channels_kept": {n: int(len(k)) for n, k in plan.keep.items()}}
     else:
         names = _layers(fm, layers)
         weights = {n: np.asarray(fm.constant(n)) for n in names}
