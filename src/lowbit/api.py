@@ -16,7 +16,7 @@ from lowbit.errors import DataError, ValidationError
 from lowbit.fileio import write_bytes_atomic, write_json_atomic
 from lowbit.onnx.load import load_model, read_model
 from lowbit.onnx.store import FloatModel
-from lowbit.quant.scheme import QuantizeConfig
+from lowbit.quant.scheme import QuantizeConfig, QuantMode
 from lowbit.runtime.session import cpu_info, input_specs_of_model, make_session, versions
 
 ProgressFn = Callable[[str, int, int], None]
@@ -131,6 +131,9 @@ def quantize(
     *,
     mode: str = "auto",
     calibration: str = "auto",
+    bits: int = 8,
+    group_size: int = 128,
+    algorithm: str = "rtn",
     eval_data: Any = None,
     config: QuantizeConfig | None = None,
     strict: bool = False,
@@ -152,7 +155,8 @@ def quantize(
     from lowbit.report.verify import verify as run_verification
 
     if config is None:
-        config = QuantizeConfig(mode=mode, calibration=calibration, strict=strict)  # type: ignore[arg-type]
+        config = QuantizeConfig(mode=mode, calibration=calibration, strict=strict,  # type: ignore[arg-type]
+                                bits=bits, group_size=group_size, algorithm=algorithm)
     if int(threads) < 1:
         raise ValidationError(f"option threads: {threads} must be >= 1")
     if int(batch) < 1:
@@ -168,6 +172,10 @@ def quantize(
     else:
         calib, holdout, separate = split_holdout(dataset, config.holdout_fraction,
                                                  config.max_calibration_samples)
+    check_token_ids(float_model, dataset)
+    if config.mode is QuantMode.WEIGHT_ONLY:
+        return _weight_only(float_model, name, in_size, calib, holdout, separate, config,
+                            threads=threads, batch=batch, verify=verify, progress=progress, t0=t0)
     outcome = quantize_onnx(float_model, calib, config, progress=progress, threads=threads)
     report: dict[str, Any] = {
         "tool": "lowbit quantize",
@@ -198,6 +206,67 @@ def quantize(
     report["environment"] = {**cpu_info(), **versions()}
     report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return QuantizedModel(outcome.model, float_model, report)
+
+
+def check_token_ids(fm: FloatModel, data: Dataset) -> None:
+    """Integer inputs that index an embedding table must lie inside its vocabulary."""
+    from lowbit.onnx.graph import GraphIndex
+
+    index = GraphIndex(fm.proto, fm.weights)
+    for name, arr in data.inputs.items():
+        if arr.dtype.kind not in "iu":
+            continue
+        for node in index.consumers.get(name, []):
+            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name \
+                    and node.input[0] in index.initializers:
+                vocab = int(index.initializers[node.input[0]].dims[0])
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < -vocab or hi >= vocab:
+                    raise DataError(
+                        f"{data.source}: token ids in '{name}' range over [{lo}, {hi}], but the "
+                        f"embedding table '{node.input[0]}' has {vocab} rows")
+
+
+def _weight_only(float_model: FloatModel, name: str, in_size: int | None, calib: Dataset,
+                 holdout: Dataset, separate: bool, config: QuantizeConfig, *, threads: int,
+                 batch: int, verify: bool, progress: ProgressFn | None, t0: float) -> QuantizedModel:
+    from lowbit.onnx.weight_only import WeightOnlyConfig, quantize_weight_only
+    from lowbit.report.verify import verify as run_verification
+
+    cfg = WeightOnlyConfig(config.bits, config.group_size, config.algorithm, config.symmetric,
+                           config.accuracy_level, config.exclude_nodes)
+    outcome = quantize_weight_only(float_model, cfg, calib, batch_size=min(config.batch_size, 8),
+                                   threads=threads, progress=progress)
+    report: dict[str, Any] = {
+        "tool": "lowbit quantize (weight-only)",
+        "input": {"model": name, "size_bytes": in_size},
+        "config": config.to_dict(),
+        "weight_only": {"bits": cfg.bits, "group_size": cfg.group_size,
+                        "algorithm": cfg.algorithm, "symmetric": cfg.symmetric,
+                        "accuracy_level": cfg.accuracy_level,
+                        "relative_weight_error_by_layer": outcome.layer_error},
+        "calibration": {"method": None, "samples": calib.num_samples if cfg.algorithm == "gptq"
+                        else 0, "source": calib.source},
+        "nodes": {"counts": _count(outcome.decisions), "decisions": outcome.decisions},
+        "warnings": [],
+        "seconds": {},
+    }
+    if verify:
+        result = run_verification(float_model, outcome.model, holdout, threads=threads,
+                                  batch=batch)
+        if not separate:
+            result["agreement"]["note"] = "verification reuses the calibration data"
+        report["verification"] = result
+    report["environment"] = {**cpu_info(), **versions()}
+    report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    return QuantizedModel(outcome.model, float_model, report)
+
+
+def _count(decisions: list[dict[str, str]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in decisions:
+        out[d["treatment"]] = out.get(d["treatment"], 0) + 1
+    return out
 
 
 def _decisions(model: onnx.ModelProto) -> list[dict[str, str]]:

@@ -88,7 +88,15 @@ def quantize(
                               "arrays named after the model's inputs."),
     eval_data: Path | None = typer.Option(None, "--eval-data", help=".npz verification data; "
                                           "default: the last 20% of --data, held back."),
-    mode: str = typer.Option("auto", help="auto | static | dynamic"),
+    mode: str = typer.Option("auto", help="auto | static | dynamic | weight-only"),
+    bits: int = typer.Option(8, help="8 (INT8 modes), or 2-8 with --mode weight-only."),
+    group_size: int = typer.Option(128, "--group-size", help="Weight-only: block of K sharing "
+                                   "a scale (16, 32, 64, 128, 256)."),
+    algorithm: str = typer.Option("rtn", help="Weight-only: rtn | gptq | hqq."),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="Weight-only: zero point per "
+                                    "group (default symmetric)."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="Weight-only MatMulNBits: "
+                                       "0 float math, 4 int8 activations (fast)."),
     calibration: str = typer.Option("auto", help="auto | minmax | percentile | mse | entropy"),
     weights: str = typer.Option("auto", "--weights", help="Static MatMul/Gemm weight "
                                 "granularity: auto | channel | tensor (Conv: always channel)."),
@@ -103,9 +111,10 @@ def quantize(
     quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Quantize an ONNX model to INT8 (static QDQ and/or dynamic), verify, and report.
+    """Quantize an ONNX model: INT8 (static QDQ and/or dynamic) or 2-8 bit weight-only.
 
     Example: lowbit quantize model.onnx -o model.int8.onnx --data calib.npz
+    Example: lowbit quantize gpt.onnx -o gpt.int4.onnx --data calib.npz --mode weight-only --bits 4 --group-size 128 --algorithm gptq
     """
     from lowbit.api import quantize as api_quantize
     from lowbit.errors import ValidationError
@@ -118,7 +127,9 @@ def quantize(
 
     config = QuantizeConfig(mode=mode, calibration=calibration, strict=strict,  # type: ignore[arg-type]
                             exclude_nodes=tuple(exclude), max_calibration_samples=max_samples,
-                            weight_granularity=weights)  # type: ignore[arg-type]
+                            weight_granularity=weights, bits=bits,  # type: ignore[arg-type]
+                            group_size=group_size, algorithm=algorithm,
+                            symmetric=not asymmetric, accuracy_level=accuracy_level)
     show = not quiet and not as_json
     with _progress(show) as update:
         qm = api_quantize(str(model), str(data), config=config,
@@ -128,7 +139,8 @@ def quantize(
     if show:
         from lowbit.report.table import render_quantize
 
-        render_quantize(qm.report, out_console)
+        label = f"INT{bits} weight-only" if config.mode.value == "weight-only" else "INT8"
+        render_quantize(qm.report, out_console, title=f"float vs {label}", label=label)
         out_console.print(f"wrote {output} and {output.parent / 'report.json'}")
     _emit(qm.report, as_json)
     flags = qm.report.get("verification", {}).get("flags", [])

@@ -83,3 +83,46 @@ def lenet5(side: int = 8, num_classes: int = 10) -> Any:
         nn.Flatten(), nn.Linear(50 * after2 * after2, 500), nn.ReLU(),
         nn.Linear(500, num_classes),
     )
+
+
+def tiny_gpt(vocab: int = 256, d_model: int = 128, heads: int = 4, layers: int = 2,
+             max_len: int = 128) -> Any:
+    """A GPT-style decoder (pre-LayerNorm blocks, causal self-attention, GELU MLP, tied-free
+    LM head) that maps token ids (batch, seq) to logits (batch, seq, vocab)."""
+    import torch
+
+    nn = _nn()
+
+    class Block(nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+            self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+            self.up, self.down = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+
+        def forward(self, x: Any) -> Any:
+            b, t, c = x.shape
+            q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+            q, k, v = (z.reshape(b, t, heads, c // heads).transpose(1, 2) for z in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) / float(c // heads) ** 0.5  # (b, h, t, t)
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = (att @ v).transpose(1, 2).reshape(b, t, c)
+            x = x + self.proj(y)
+            return x + self.down(torch.nn.functional.gelu(self.up(self.ln2(x))))
+
+    class TinyGPT(nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(max_len, d_model)
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.ln_f, self.head = nn.LayerNorm(d_model), nn.Linear(d_model, vocab, bias=False)
+
+        def forward(self, ids: Any) -> Any:
+            t = ids.shape[1]
+            x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))[None]
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.ln_f(x))
+
+    return TinyGPT()

@@ -124,7 +124,15 @@ def _constants_to_initializers(out: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+# Ops whose float constant inputs are weights: an inf there is a broken model. (A -inf
+# constant feeding Where/Add is a legitimate attention mask and is allowed.)
+_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
+                         "LayerNormalization", "InstanceNormalization", "Gather", "PRelu"})
+
+
 def check_finite_weights(fm: FloatModel, *, name: str = "model") -> None:
+    """NaN anywhere, or inf in a weight, is an error naming the tensor."""
+    weights = {x for n in fm.proto.graph.node if n.op_type in _WEIGHT_OPS for x in n.input}
     for tensor in fm.proto.graph.initializer:
         if tensor.data_type not in (
             onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -133,10 +141,12 @@ def check_finite_weights(fm: FloatModel, *, name: str = "model") -> None:
         arr = fm.constant(tensor.name)
         if arr is None:
             continue
-        if not np.all(np.isfinite(arr)):
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        bad_mask = ~np.isfinite(arr) if tensor.name in weights else np.isnan(arr)
+        bad = int(np.count_nonzero(bad_mask))
+        if bad:
+            what = "NaN/inf" if tensor.name in weights else "NaN"
             raise ValidationError(
-                f"{name}: weight tensor '{tensor.name}' contains {bad} NaN/inf value(s)"
+                f"{name}: weight tensor '{tensor.name}' contains {bad} {what} value(s)"
             )
 
 

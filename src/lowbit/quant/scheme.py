@@ -21,6 +21,7 @@ class QuantMode(str, enum.Enum):
     AUTO = "auto"
     STATIC = "static"
     DYNAMIC = "dynamic"
+    WEIGHT_ONLY = "weight-only"
 
 
 class CalibrationMethod(str, enum.Enum):
@@ -131,6 +132,11 @@ class QuantizeConfig:
     bits: int = 8
     percentile: float = 99.99
     weight_granularity: WeightGranularity = WeightGranularity.AUTO
+    # weight-only mode (2-8 bit group-wise MatMul/Gemm weights, MatMulNBits)
+    group_size: int = 128
+    algorithm: str = "rtn"
+    symmetric: bool = True
+    accuracy_level: int = 4
     strict: bool = False
     batch_size: int = 32
     max_calibration_samples: int = 256
@@ -146,10 +152,15 @@ class QuantizeConfig:
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
         object.__setattr__(self, "weight_granularity", parse_enum(
             WeightGranularity, self.weight_granularity, "weight_granularity"))
-        if self.bits != 8:
+        if self.mode is QuantMode.WEIGHT_ONLY:
+            from lowbit.onnx.weight_only import WeightOnlyConfig
+
+            WeightOnlyConfig(self.bits, self.group_size, self.algorithm, self.symmetric,
+                             self.accuracy_level)  # validates the weight-only options
+        elif self.bits != 8:
             raise ValidationError(
-                f"option bits: {self.bits} is not supported for INT8 quantization "
-                "(only 8; low-bit weight-only quantization is a separate mode)"
+                f"option bits: {self.bits} needs --mode weight-only (static, dynamic and auto "
+                "modes are INT8)"
             )
         if not 50.0 < float(self.percentile) < 100.0:
             raise ValidationError(f"option percentile: {self.percentile} must be in (50, 100)")

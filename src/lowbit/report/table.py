@@ -22,14 +22,15 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def render_quantize(report: dict[str, Any], console: Console, title: str = "float vs INT8") -> None:
+def render_quantize(report: dict[str, Any], console: Console, title: str = "float vs INT8",
+                    label: str = "INT8") -> None:
     ver = report.get("verification", {})
     ag = ver.get("agreement", {})
     lat = ver.get("latency", {})
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("float", justify="right")
-    table.add_column("INT8", justify="right")
+    table.add_column(label, justify="right")
     acc = ag.get("accuracy")
     if acc:
         table.add_row("test accuracy", _pct(acc["float"]), _pct(acc["compressed"]))

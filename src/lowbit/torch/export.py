@@ -23,8 +23,13 @@ EXPORT_OPSET = 17
 
 
 def export_module(module: Any, sample: Any, *, input_names: list[str] | None = None,
-                  opset: int = EXPORT_OPSET) -> onnx.ModelProto:
-    """Export ``module`` (in eval mode) with ``sample`` input(s); batch axis dynamic."""
+                  opset: int = EXPORT_OPSET, dynamic_dims: tuple[int, ...] = (0,)
+                  ) -> onnx.ModelProto:
+    """Export ``module`` (in eval mode) with ``sample`` input(s).
+
+    ``dynamic_dims``: axes of every input and output exported as dynamic (default the
+    batch axis; ``(0, 1)`` for token models with a dynamic sequence length).
+    """
     import torch
 
     samples = sample if isinstance(sample, tuple) else (sample,)
@@ -39,7 +44,8 @@ def export_module(module: Any, sample: Any, *, input_names: list[str] | None = N
             out = module(*tensors)
         n_out = len(out) if isinstance(out, (tuple, list)) else 1
         out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-        axes = {n: {0: "batch"} for n in names + out_names}
+        labels = {0: "batch", 1: "sequence"}
+        axes = {n: {d: labels.get(d, f"dim{d}") for d in dynamic_dims} for n in names + out_names}
         with tempfile.TemporaryDirectory(prefix="lowbit-export-") as tmp:
             path = Path(tmp) / "model.onnx"
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -1,0 +1,45 @@
+"""HQQ (Badri & Shaji, 2023): calibration-free group-wise quantization that fits
+each group's zero point to minimise an l_p (p < 1) error with half-quadratic
+splitting, which ignores the few large outliers that least-squares fitting
+chases. Scales come from the min-max range; only zero points move (kept as
+real numbers during the fit, rounded to the integer grid at the end).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.quant.groupwise import GroupQuantized, check_weight_only, pad_k
+
+
+def _shrink(x: np.ndarray, beta: float, p: float) -> np.ndarray:
+    """Generalised soft-thresholding, the proximal step of |x|^p."""
+    mag = np.abs(x)
+    return np.sign(x) * np.maximum(mag - np.power(mag + 1e-8, p - 1) / beta, 0.0)
+
+
+def hqq(w_nk: np.ndarray, *, bits: int, group_size: int, p: float = 0.7, beta: float = 10.0,
+        kappa: float = 1.01, iterations: int = 20) -> GroupQuantized:
+    check_weight_only(bits, group_size)
+    n, k = w_nk.shape
+    levels = 2**bits - 1
+    W = pad_k(w_nk, group_size).reshape(n, -1, group_size).astype(np.float32)  # noqa: N806
+    lo, hi = W.min(axis=-1, keepdims=True), W.max(axis=-1, keepdims=True)
+    scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
+    zero = -lo / scale  # real-valued zero point
+    best_err = np.full(scale.shape, np.inf, dtype=np.float32)
+    best_zero = zero.copy()
+    for _ in range(iterations):
+        q = np.clip(np.rint(W / scale + zero), 0, levels)
+        recon = (q - zero) * scale
+        err_now = np.mean(np.abs(W - recon), axis=-1, keepdims=True)
+        better = err_now < best_err
+        best_err = np.where(better, err_now, best_err)
+        best_zero = np.where(better, zero, best_zero)
+        we = _shrink(W - recon, beta, p)
+        zero = np.mean(q - (W - we) / scale, axis=-1, keepdims=True)
+        beta *= kappa
+    zp = np.clip(np.rint(best_zero), 0, levels)
+    codes = np.clip(np.rint(W / scale + zp), 0, levels).astype(np.uint8)
+    return GroupQuantized(codes.reshape(n, -1), scale[..., 0], zp[..., 0].astype(np.uint8), bits,
+                          group_size, k, symmetric=False)
