@@ -114,7 +114,8 @@ def quantize(
     """Quantize an ONNX model: INT8 (static QDQ and/or dynamic) or 2-8 bit weight-only.
 
     Example: lowbit quantize model.onnx -o model.int8.onnx --data calib.npz
-    Example: lowbit quantize gpt.onnx -o gpt.int4.onnx --data calib.npz --mode weight-only --bits 4 --group-size 128 --algorithm gptq
+    Example: lowbit quantize gpt.onnx -o gpt.int4.onnx --data calib.npz --mode weight-only
+    --bits 4 --group-size 128 --algorithm gptq
     """
     from lowbit.api import quantize as api_quantize
     from lowbit.errors import ValidationError
