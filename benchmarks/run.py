@@ -209,6 +209,14 @@ def bench_b5(tmp: Path) -> list[dict]:
                         f"auto calibration chose {r['method']}"}]
 
 
+def _module(module: str, name: str):
+    def run(tmp: Path) -> list[dict]:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(tmp)
+    return run
+
+
 def _compression(name: str):
     def run(tmp: Path) -> list[dict]:
         import compression
@@ -219,7 +227,9 @@ def _compression(name: str):
 
 BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": bench_demo, "B5": bench_b5,
            "C1": _compression("bench_deep_compression"), "C4": _compression("bench_structured"),
-           "C5": _compression("bench_big_prune_cluster")}
+           "C5": _compression("bench_big_prune_cluster"),
+           "W1": _module("weight_only", "bench_int4_decoder"),
+           "W2": _module("weight_only", "bench_gptq_100m")}
 
 
 def render(rows: list[dict]) -> str:

@@ -12,7 +12,7 @@ calibration data).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,10 +119,13 @@ def _weight_nk(node: onnx.NodeProto, index: GraphIndex) -> tuple[np.ndarray, np.
     return w_nk, bias
 
 
-def collect_hessians(fm: FloatModel, nodes: list[onnx.NodeProto], data: Dataset, *,
-                     batch_size: int, threads: int,
-                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """``2 X^T X / n`` of each node's activation input, streamed, a few layers per pass."""
+def iter_hessians(fm: FloatModel, nodes: list[onnx.NodeProto], data: Dataset, *,
+                  batch_size: int, threads: int,
+                  progress: Callable[[str, int, int], None] | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """``2 X^T X / n`` of each node's activation input, streamed: one pass over the data
+    per group of inputs whose Hessians fit the budget; yields one group at a time so the
+    caller quantizes those layers and drops their Hessians before the next pass."""
     index = GraphIndex(fm.proto, fm.weights)
     inputs = list(dict.fromkeys(n.input[0] for n in nodes))
     sizes = {}
@@ -141,7 +144,6 @@ def collect_hessians(fm: FloatModel, nodes: list[onnx.NodeProto], data: Dataset,
             used = 0
         groups[-1].append(x)
         used += cost
-    hessians: dict[str, np.ndarray] = {}
     for gi, group in enumerate(groups):
         from_graph = [x for x in group if x not in index.graph_inputs]
         session = make_session(expose_tensors(fm, from_graph), threads=threads, lean=True,
@@ -155,14 +157,12 @@ def collect_hessians(fm: FloatModel, nodes: list[onnx.NodeProto], data: Dataset,
                 flat = np.asarray(arr, dtype=np.float32).reshape(-1, sizes[x])
                 if not np.all(np.isfinite(flat)):
                     raise DataError(f"{data.source}: tensor '{x}' has NaN/inf on the calibration data")
-                acc[x] += flat.T.astype(np.float64) @ flat
+                acc[x] += (flat.T @ flat).astype(np.float64)  # float32 BLAS, float64 sum
                 count[x] += flat.shape[0]
         del session
-        for x in group:
-            hessians[x] = 2.0 * acc[x] / max(1, count[x])
         if progress is not None:
             progress("collecting GPTQ statistics", gi + 1, len(groups))
-    return hessians
+        yield {x: 2.0 * acc.pop(x) / max(1, count[x]) for x in group}
 
 
 def quantize_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | None, *,
@@ -172,8 +172,13 @@ def quantize_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | 
     if cfg.algorithm == "gptq" and data is None:
         raise DataError("algorithm gptq needs calibration data (--data)")
     index = GraphIndex(fm.proto, fm.weights)
-    hessians = collect_hessians(fm, nodes, data, batch_size=batch_size, threads=threads,
-                                progress=progress) if cfg.algorithm == "gptq" and data else {}
+    if cfg.algorithm == "gptq" and data is not None:
+        batches: Iterator[tuple[list[onnx.NodeProto], dict[str, np.ndarray]]] = (
+            ([n for n in nodes if n.input[0] in h], h)
+            for h in iter_hessians(fm, nodes, data, batch_size=batch_size, threads=threads,
+                                   progress=progress))
+    else:
+        batches = iter([(nodes, {})])
     out = onnx.ModelProto()
     out.CopyFrom(fm.proto)
     names = NameFactory(out)
@@ -182,7 +187,8 @@ def quantize_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | 
     outcome = WeightOnlyOutcome(out)
     stored = storage_bits(cfg.bits)
     new_inits: list[onnx.TensorProto] = []
-    for step, node in enumerate(nodes):
+    work = ((node, hessians) for group, hessians in batches for node in group)
+    for step, (node, hessians) in enumerate(work):
         name = original_names[list(fm.proto.graph.node).index(node)]
         target = by_name[name]
         w_nk, bias = _weight_nk(node, index)
