@@ -169,10 +169,8 @@ def test_model_passes_the_checker_and_runs_at_many_shapes(quantized, gpt, algori
     assert wo["symmetric"] is (algorithm != "hqq")
     assert len(wo["relative_weight_error_by_layer"]) == WEIGHT_MATMULS + 2  # + 2 embeddings
     assert all(0 < e < 0.2 for e in wo["relative_weight_error_by_layer"].values())
-    expected_samples = {"gptq": qm.report["calibration"]["samples"]}.get(algorithm, 0)
-    assert qm.report["calibration"]["samples"] == expected_samples
-    if algorithm == "gptq":
-        assert expected_samples > 0
+    samples = qm.report["calibration"]["samples"]
+    assert samples > 0 if algorithm == "gptq" else samples == 0
 
 
 def test_weight_matmuls_become_matmulnbits_and_scores_stay_float(quantized, gpt):
@@ -243,7 +241,7 @@ def test_embeddings_become_gather_block_quantized(quantized, gpt):
     np.testing.assert_allclose(rows, rtn(table, bits=4, group_size=block).dequantize(), atol=1e-6)
 
 
-def test_file_is_a_quarter_of_float_and_group_128_is_smaller(gpt, calib, tmp_path):
+def test_file_is_a_quarter_of_float_and_group_128_is_smaller(gpt, calib, heldout, tmp_path):
     float_path = tmp_path / "float.onnx"
     onnx.save(gpt, str(float_path))
     sizes = {}
@@ -255,6 +253,8 @@ def test_file_is_a_quarter_of_float_and_group_128_is_smaller(gpt, calib, tmp_pat
         assert (out / "report.json").is_file()
         sizes[group] = path.stat().st_size
         assert qm.report["output"]["size_bytes"] == sizes[group]
+        # group 128 pads K = 64 to a whole block: the padded path must still be right
+        assert _cosine(_run(gpt, heldout), _run(qm.model, heldout)) > 0.98
     float_size = float_path.stat().st_size
     assert sizes[32] <= 0.25 * float_size, f"{sizes[32]} bytes vs float {float_size}"
     assert sizes[128] < sizes[32], (

@@ -193,27 +193,30 @@ def quantize_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | 
         target = by_name[name]
         w_nk, bias = _weight_nk(node, index)
         n, k = w_nk.shape
+        group = layer_group_size(k, cfg.group_size)
         if cfg.algorithm == "gptq":
-            q = gptq(w_nk, hessians[node.input[0]], bits=cfg.bits, group_size=cfg.group_size,
+            q = gptq(w_nk, hessians[node.input[0]], bits=cfg.bits, group_size=group,
                      symmetric=cfg.symmetric)
         elif cfg.algorithm == "hqq":
-            q = hqq(w_nk, bits=cfg.bits, group_size=cfg.group_size)
+            q = hqq(w_nk, bits=cfg.bits, group_size=group)
         else:
-            q = rtn(w_nk, bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric)
+            q = rtn(w_nk, bits=cfg.bits, group_size=group, symmetric=cfg.symmetric)
         err = float(np.linalg.norm(q.dequantize() - w_nk) / max(np.linalg.norm(w_nk), 1e-30))
         outcome.layer_error[name] = round(err, 6)
         inputs = _write_node(q, stored, bias, target, names, new_inits)
         new = helper.make_node("MatMulNBits", inputs, [target.output[0]], domain="com.microsoft",
                                name=names(f"{name}_MatMulNBits"), K=k, N=n, bits=stored,
-                               block_size=cfg.group_size, accuracy_level=cfg.accuracy_level)
+                               block_size=group, accuracy_level=cfg.accuracy_level)
         out.graph.node.remove(target)
         out.graph.node.append(new)
-        pad = f", K padded from {k} to a multiple of {cfg.group_size}" if k % cfg.group_size else ""
+        pad = f", K padded from {k} to a multiple of {group}" if k % group else ""
+        if group != cfg.group_size:
+            pad += f" (group {group}: K={k} is smaller than {cfg.group_size})"
         stored_note = f" (stored as {stored}-bit codes: ONNX Runtime packs 2/4/8)" \
             if stored != cfg.bits else ""
         decisions.append({"name": name, "op_type": node.op_type, "treatment":
                           f"int{cfg.bits}-weight-only", "reason":
-                          f"{cfg.algorithm}, group {cfg.group_size}, "
+                          f"{cfg.algorithm}, group {group}, "
                           f"{'symmetric' if q.symmetric else 'asymmetric'}{pad}{stored_note}"})
         if progress is not None:
             progress(f"quantizing weights ({cfg.algorithm})", step + 1, len(nodes))
@@ -233,6 +236,14 @@ def quantize_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | 
     outcome.model = out
     outcome.decisions = decisions
     return outcome
+
+
+def layer_group_size(k: int, group_size: int) -> int:
+    """The group size used for a layer with K inputs: the requested one, or the smallest
+    power of two >= K (at least 16) when K is smaller, so no row is padded past K."""
+    if k >= group_size:
+        return group_size
+    return max(16, 1 << (k - 1).bit_length())
 
 
 def _quantize_embeddings(fm: FloatModel, out: onnx.ModelProto, index: GraphIndex,

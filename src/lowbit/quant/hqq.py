@@ -32,10 +32,14 @@ def hqq(w_nk: np.ndarray, *, bits: int, group_size: int, p: float = 0.7, beta: f
     for _ in range(iterations):
         q = np.clip(np.rint(W / scale + zero), 0, levels)
         recon = (q - zero) * scale
-        err_now = np.mean(np.abs(W - recon), axis=-1, keepdims=True)
+        # score the zero point that would be stored (an integer), so the kept result is
+        # never worse than round-to-nearest, which is the first candidate
+        z_int = np.rint(zero)
+        q_int = np.clip(np.rint(W / scale + z_int), 0, levels)
+        err_now = np.mean(np.abs(W - (q_int - z_int) * scale), axis=-1, keepdims=True)
         better = err_now < best_err
         best_err = np.where(better, err_now, best_err)
-        best_zero = np.where(better, zero, best_zero)
+        best_zero = np.where(better, z_int, best_zero)
         we = _shrink(W - recon, beta, p)
         zero = np.mean(q - (W - we) / scale, axis=-1, keepdims=True)
         beta *= kappa
