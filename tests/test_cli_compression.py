@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from lowbit import models
 from lowbit.cli import main
@@ -18,17 +17,7 @@ from lowbit.data import digits_split
 from lowbit.torch.export import export_module
 from lowbit.torch.train import train_classifier
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Fine-tuning uses torch's default thread count; on a small shared machine a busy
-    neighbour makes that 10-40x slower. One thread keeps these tests' time steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

@@ -21,14 +21,7 @@ from lowbit.torch.export import export_module
 VOCAB = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokens(rng: np.random.Generator, n: int, t: int) -> np.ndarray:

@@ -24,17 +24,7 @@ from lowbit.torch.from_onnx import bias_names, weight_names
 from lowbit.torch.train import train_classifier
 from lowbit.workflow import CompressedModel, cluster, compress, prune
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Fine-tuning uses torch's default thread count; on a small shared machine a busy
-    neighbour makes that 10-40x slower. One thread keeps these tests' time steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(model: onnx.ModelProto | FloatModel, x: np.ndarray) -> np.ndarray:

@@ -30,14 +30,7 @@ SCORE_MATMULS = LAYERS * 2  # q @ k^T and att @ v per block
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pattern_tokens(rng: np.random.Generator, n: int, t: int) -> np.ndarray:
