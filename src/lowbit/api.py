@@ -177,6 +177,10 @@ def quantize(
         return _weight_only(float_model, name, in_size, calib, holdout, separate, config,
                             threads=threads, batch=batch, verify=verify, progress=progress, t0=t0)
     outcome = quantize_onnx(float_model, calib, config, progress=progress, threads=threads)
+    search = None
+    if config.min_cosine is not None:
+        outcome, search = _search_min_cosine(float_model, calib, config, outcome, threads,
+                                             progress)
     report: dict[str, Any] = {
         "tool": "lowbit quantize",
         "input": {"model": name, "size_bytes": in_size},
@@ -193,6 +197,15 @@ def quantize(
         "warnings": outcome.warnings,
         "seconds": {k: round(v, 3) for k, v in outcome.seconds.items()},
     }
+    if search is not None:
+        report["quality_target"] = {
+            "min_cosine": config.min_cosine, "met": search.met,
+            "cosine_on_calibration_samples": round(search.cosine, 6),
+            "kept_in_float": search.kept_float, "sensitivity": search.sensitivity}
+        if not search.met:
+            report["warnings"].append(
+                f"min_cosine {config.min_cosine} not reached even with every quantized layer "
+                f"in float once; best cosine {search.cosine:.5f}")
     if verify:
         if progress is not None:
             progress("verifying", 0, 1)
@@ -206,6 +219,28 @@ def quantize(
     report["environment"] = {**cpu_info(), **versions()}
     report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     return QuantizedModel(outcome.model, float_model, report)
+
+
+def _search_min_cosine(float_model: FloatModel, calib: Dataset, config: QuantizeConfig,
+                       first: Any, threads: int, progress: ProgressFn | None) -> tuple[Any, Any]:
+    import dataclasses
+
+    from lowbit.onnx.accuracy import meet_min_cosine
+    from lowbit.onnx.quantize import quantize_onnx
+
+    selection = calib.take(0, min(calib.num_samples, 64))
+    from lowbit.runtime.session import run_batches
+
+    reference = run_batches(make_session(float_model, threads=threads), selection, 16)
+
+    def build(excluded: tuple[str, ...]) -> Any:
+        cfg = dataclasses.replace(config, exclude_nodes=tuple(config.exclude_nodes) + excluded,
+                                  calibration=first.method or config.calibration)
+        return quantize_onnx(float_model, calib, cfg, threads=threads)
+
+    search = meet_min_cosine(build, first, selection, reference, float(config.min_cosine),
+                             progress)
+    return search.outcome, search
 
 
 def check_token_ids(fm: FloatModel, data: Dataset) -> None:

@@ -104,6 +104,9 @@ def quantize(
     exclude: list[str] = typer.Option([], "--exclude", help="Node name to keep in float "
                                       "(repeatable)."),
     max_samples: int = typer.Option(256, "--max-samples", help="Calibration samples at most."),
+    min_cosine: float | None = typer.Option(None, "--min-cosine", help="INT8: keep the most "
+                                            "sensitive layers in float until the output cosine "
+                                            "vs float reaches this (e.g. 0.995)."),
     batch: int = typer.Option(8, help="Batch size for the latency measurement."),
     threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
     require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a "
@@ -130,7 +133,8 @@ def quantize(
                             exclude_nodes=tuple(exclude), max_calibration_samples=max_samples,
                             weight_granularity=weights, bits=bits,  # type: ignore[arg-type]
                             group_size=group_size, algorithm=algorithm,
-                            symmetric=not asymmetric, accuracy_level=accuracy_level)
+                            symmetric=not asymmetric, accuracy_level=accuracy_level,
+                            min_cosine=min_cosine)
     show = not quiet and not as_json
     with _progress(show) as update:
         qm = api_quantize(str(model), str(data), config=config,

@@ -137,6 +137,9 @@ class QuantizeConfig:
     algorithm: str = "rtn"
     symmetric: bool = True
     accuracy_level: int = 4
+    # INT8 modes: keep the most sensitive layers in float until the mean output cosine
+    # against float (on calibration samples) reaches this; None: no target
+    min_cosine: float | None = None
     strict: bool = False
     batch_size: int = 32
     max_calibration_samples: int = 256
@@ -152,6 +155,8 @@ class QuantizeConfig:
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
         object.__setattr__(self, "weight_granularity", parse_enum(
             WeightGranularity, self.weight_granularity, "weight_granularity"))
+        if self.min_cosine is not None and not 0.0 < float(self.min_cosine) <= 1.0:
+            raise ValidationError(f"option min_cosine: {self.min_cosine} must be in (0, 1]")
         if self.mode is QuantMode.WEIGHT_ONLY:
             from lowbit.onnx.weight_only import WeightOnlyConfig
 

@@ -1,0 +1,62 @@
+"""min_cosine: the most sensitive layers go back to float until the target is met."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit.cli import main
+from lowbit.errors import ValidationError
+from lowbit.models import mlp
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def outlier_mlp():
+    import torch
+
+    torch.manual_seed(0)
+    model = mlp((64, 128, 128, 10))
+    x = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
+    x[:, 0] *= 300.0  # one outlier input feature ruins per-tensor quantization of layer 1
+    return model, x
+
+
+def _quantize(model, x, target):
+    cfg = lowbit.QuantizeConfig(mode="dynamic", min_cosine=target)
+    return lowbit.quantize(model, x, config=cfg)
+
+
+def test_no_target_means_no_search(outlier_mlp):
+    qm = _quantize(*outlier_mlp, None)
+    assert "quality_target" not in qm.report
+    assert qm.report["nodes"]["counts"]["int8-dynamic"] == 3
+
+
+def test_most_sensitive_layer_goes_back_to_float(outlier_mlp):
+    qm = _quantize(*outlier_mlp, 0.999)
+    target = qm.report["quality_target"]
+    assert target["met"] and target["cosine_on_calibration_samples"] >= 0.999
+    sens = {s["name"]: s["cosine_when_only_this_is_int8"] for s in target["sensitivity"]}
+    worst = min(sens, key=sens.get)
+    assert target["kept_in_float"] == [worst]  # exactly the one layer that needed it
+    assert qm.report["nodes"]["counts"]["int8-dynamic"] == 2
+    assert qm.report["verification"]["agreement"]["cosine"] >= 0.999
+
+
+def test_unreachable_target_is_reported(outlier_mlp):
+    qm = _quantize(*outlier_mlp, 1.0)
+    target = qm.report["quality_target"]
+    # all float reaches cosine 1.0 exactly, so 1.0 is met by keeping every layer float
+    assert target["met"] and len(target["kept_in_float"]) == 3
+
+
+def test_bad_target_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(ValidationError, match="min_cosine"):
+        lowbit.QuantizeConfig(min_cosine=1.5)
+    rc = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
+               "--data", str(tmp_path / "d.npz"), "--min-cosine", "0"])
+    assert rc == 2
+    assert "min_cosine" in capsys.readouterr().err
