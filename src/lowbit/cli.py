@@ -104,6 +104,8 @@ def quantize(
     exclude: list[str] = typer.Option([], "--exclude", help="Node name to keep in float "
                                       "(repeatable)."),
     max_samples: int = typer.Option(256, "--max-samples", help="Calibration samples at most."),
+    plan: Path | None = typer.Option(None, "--plan", help="Mixed-precision plan from "
+                                     "`lowbit sensitivity` (INT4/INT8/float per layer)."),
     min_cosine: float | None = typer.Option(None, "--min-cosine", help="INT8: keep the most "
                                             "sensitive layers in float until the output cosine "
                                             "vs float reaches this (e.g. 0.995)."),
@@ -136,6 +138,9 @@ def quantize(
                             symmetric=not asymmetric, accuracy_level=accuracy_level,
                             min_cosine=min_cosine)
     show = not quiet and not as_json
+    if plan is not None:
+        _quantize_with_plan(model, output, data, plan, show, as_json)
+        return
     with _progress(show) as update:
         qm = api_quantize(str(model), str(data), config=config,
                           eval_data=str(eval_data) if eval_data else None,
@@ -152,6 +157,37 @@ def quantize(
     if require and flags:
         raise TargetNotMetError("--require: the report flags " +
                                 "; ".join(f["kind"] for f in flags))
+
+
+def _quantize_with_plan(model: Path, output: Path, data: Path, plan_path: Path, show: bool,
+                        as_json: bool) -> None:
+    from lowbit.api import QuantizedModel, split_holdout
+    from lowbit.data import as_dataset
+    from lowbit.onnx.load import load_model
+    from lowbit.onnx.mixed import apply_plan, read_plan
+    from lowbit.report.verify import verify
+    from lowbit.runtime.session import input_specs_of_model
+
+    fm, name = load_model(str(model))
+    plan = read_plan(str(plan_path), fm)
+    dataset = as_dataset(str(data), input_specs_of_model(fm.proto), limit=1536)
+    calib, holdout, _ = split_holdout(dataset, 0.2, 256)
+    proto = apply_plan(fm, plan, calib, group_size=int(plan.get("group_size", 128)))
+    counts: dict[str, int] = {}
+    for v in plan["layers"].values():
+        counts[v] = counts.get(v, 0) + 1
+    report = {"tool": "lowbit quantize (mixed precision plan)",
+              "input": {"model": name, "size_bytes": model.stat().st_size},
+              "plan": {"file": str(plan_path), "counts": counts, "layers": plan["layers"]},
+              "verification": verify(fm, proto, holdout)}
+    qm = QuantizedModel(proto, fm, report)
+    qm.save(output)
+    if show:
+        from lowbit.report.table import render_quantize
+
+        render_quantize(qm.report, out_console, title="float vs mixed precision", label="mixed")
+        out_console.print(f"plan {counts}; wrote {output} and {output.parent / 'report.json'}")
+    _emit(qm.report, as_json)
 
 
 def _save_compressed(cm: Any, output: Path, show: bool, as_json: bool, require: bool,
@@ -299,6 +335,56 @@ def unpack(
     write_bytes_atomic(output, proto.SerializeToString())
     out_console.print(f"wrote {output} ({output.stat().st_size:,} bytes) from {model} "
                       f"({model.stat().st_size:,} bytes)")
+
+
+@app.command()
+def sensitivity(
+    model: Path = typer.Argument(..., help="Float ONNX model."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the plan (.json)."),
+    data: Path = typer.Option(..., "--data", help=".npz calibration data."),
+    min_cosine: float | None = typer.Option(None, "--min-cosine", help="Quality target for the plan."),
+    max_bits: float | None = typer.Option(None, "--max-bits", help="Size target: average bits "
+                                          "per MatMul/Gemm weight (e.g. 5)."),
+    group_size: int = typer.Option(128, "--group-size", help="INT4 group size."),
+    quiet: bool = typer.Option(False, "--quiet", help="No table."),
+) -> None:
+    """Per-layer sensitivity (only that layer INT4 / INT8) and a mixed-precision plan.
+
+    Example: lowbit sensitivity gpt.onnx --data calib.npz --min-cosine 0.999 -o plan.json
+    Then: lowbit quantize gpt.onnx --data calib.npz --plan plan.json -o gpt.mixed.onnx
+    """
+    from rich.table import Table
+
+    from lowbit.data import as_dataset
+    from lowbit.errors import ValidationError
+    from lowbit.fileio import write_json_atomic
+    from lowbit.onnx.load import load_model
+    from lowbit.onnx.mixed import layer_sensitivity, plan_mixed, search_plan
+    from lowbit.runtime.session import input_specs_of_model
+
+    _check_output(output)
+    if (min_cosine is None) == (max_bits is None):
+        raise ValidationError("give exactly one target: --min-cosine or --max-bits")
+    fm, _ = load_model(str(model))
+    calib = as_dataset(str(data), input_specs_of_model(fm.proto), limit=256)
+    with _progress(not quiet) as update:
+        rows = layer_sensitivity(fm, calib, group_size=group_size, progress=update)
+        if min_cosine is not None:
+            plan, _ = search_plan(fm, calib, rows, min_cosine=min_cosine, group_size=group_size)
+        else:
+            plan = plan_mixed(rows, max_weight_bits=max_bits)
+    plan["sensitivity"] = rows
+    plan["group_size"] = group_size
+    write_json_atomic(output, plan)
+    if not quiet:
+        table = Table(title="output cosine vs float with only this layer quantized")
+        for col in ("layer", "params", "INT4", "INT8", "plan"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for r in rows:
+            table.add_row(r["name"], f"{r['params']:,}", f"{r['cosine_int4']:.6f}",
+                          f"{r['cosine_int8']:.6f}", plan["layers"][r["name"]])
+        out_console.print(table)
+        out_console.print(f"wrote {output}")
 
 
 @app.command()
