@@ -229,7 +229,8 @@ BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": bench_demo, "B5": bench_b5,
            "C1": _compression("bench_deep_compression"), "C4": _compression("bench_structured"),
            "C5": _compression("bench_big_prune_cluster"),
            "W1": _module("weight_only", "bench_int4_decoder"),
-           "W2": _module("weight_only", "bench_gptq_100m")}
+           "W2": _module("weight_only", "bench_gptq_100m"),
+           "W3": _module("encoder_int8", "bench_minilm")}
 
 
 def render(rows: list[dict]) -> str:

@@ -201,7 +201,9 @@ def quantize(
         report["quality_target"] = {
             "min_cosine": config.min_cosine, "met": search.met,
             "cosine_on_calibration_samples": round(search.cosine, 6),
-            "kept_in_float": search.kept_float, "sensitivity": search.sensitivity}
+            "kept_in_float": search.kept_float, "sensitivity": search.sensitivity,
+            "smoothquant_inputs": search.smoothquant_inputs,
+            "smoothquant_alpha": search.smoothquant_alpha}
         if not search.met:
             report["warnings"].append(
                 f"min_cosine {config.min_cosine} not reached even with every quantized layer "
@@ -221,6 +223,9 @@ def quantize(
     return QuantizedModel(outcome.model, float_model, report)
 
 
+SMOOTHQUANT_ALPHAS = (0.5, 0.7, 0.85)
+
+
 def _search_min_cosine(float_model: FloatModel, calib: Dataset, config: QuantizeConfig,
                        first: Any, threads: int, progress: ProgressFn | None) -> tuple[Any, Any]:
     import dataclasses
@@ -233,13 +238,36 @@ def _search_min_cosine(float_model: FloatModel, calib: Dataset, config: Quantize
 
     reference = run_batches(make_session(float_model, threads=threads), selection, 16)
 
+    from lowbit.onnx.accuracy import output_cosine
+
+    target = float(config.min_cosine)
+    base, smoothed_inputs, smoothquant_alpha = float_model, 0, None
+    if config.smoothquant and first.plan.dynamic_nodes and \
+            output_cosine(first.model, selection, reference) < target:
+        # SmoothQuant first: it keeps every layer INT8 (full speed) when it suffices
+        from lowbit.onnx.smoothquant import smooth
+
+        best_cos = output_cosine(first.model, selection, reference)
+        for alpha in SMOOTHQUANT_ALPHAS:  # migration strength; the best on calibration wins
+            smoothed, n_inputs = smooth(float_model, calib, alpha=alpha, threads=threads)
+            if not n_inputs:
+                break
+            candidate = quantize_onnx(smoothed, calib, config, threads=threads)
+            c = output_cosine(candidate.model, selection, reference)
+            if c > best_cos:
+                base, first, best_cos, smoothed_inputs = smoothed, candidate, c, n_inputs
+                smoothquant_alpha = alpha
+            if best_cos >= target:
+                break
+
     def build(excluded: tuple[str, ...]) -> Any:
         cfg = dataclasses.replace(config, exclude_nodes=tuple(config.exclude_nodes) + excluded,
                                   calibration=first.method or config.calibration)
-        return quantize_onnx(float_model, calib, cfg, threads=threads)
+        return quantize_onnx(base, calib, cfg, threads=threads)
 
-    search = meet_min_cosine(build, first, selection, reference, float(config.min_cosine),
-                             progress)
+    search = meet_min_cosine(build, first, selection, reference, target, progress)
+    search.smoothquant_inputs = smoothed_inputs if base is not float_model else 0
+    search.smoothquant_alpha = smoothquant_alpha
     return search.outcome, search
 
 

@@ -24,8 +24,8 @@ def outlier_mlp():
     return model, x
 
 
-def _quantize(model, x, target):
-    cfg = lowbit.QuantizeConfig(mode="dynamic", min_cosine=target)
+def _quantize(model, x, target, smoothquant=False):
+    cfg = lowbit.QuantizeConfig(mode="dynamic", min_cosine=target, smoothquant=smoothquant)
     return lowbit.quantize(model, x, config=cfg)
 
 
@@ -46,11 +46,27 @@ def test_most_sensitive_layer_goes_back_to_float(outlier_mlp):
     assert qm.report["verification"]["agreement"]["cosine"] >= 0.999
 
 
-def test_unreachable_target_is_reported(outlier_mlp):
+def test_all_float_meets_a_perfect_target(outlier_mlp):
     qm = _quantize(*outlier_mlp, 1.0)
     target = qm.report["quality_target"]
     # all float reaches cosine 1.0 exactly, so 1.0 is met by keeping every layer float
     assert target["met"] and len(target["kept_in_float"]) == 3
+
+
+def test_smoothquant_meets_the_target_with_every_layer_int8(outlier_mlp):
+    qm = _quantize(*outlier_mlp, 0.999, smoothquant=True)
+    target = qm.report["quality_target"]
+    assert target["met"] and target["kept_in_float"] == []
+    assert target["smoothquant_alpha"] in (0.5, 0.7, 0.85) and target["smoothquant_inputs"] >= 1
+    assert qm.report["nodes"]["counts"]["int8-dynamic"] == 3
+    assert qm.report["verification"]["agreement"]["cosine"] >= 0.999
+
+
+def test_unreachable_target_is_reported(outlier_mlp):
+    # smoothed weights differ from the originals in the last bits: cosine 1.0 is out of reach
+    qm = _quantize(*outlier_mlp, 1.0, smoothquant=True)
+    assert not qm.report["quality_target"]["met"]
+    assert any("min_cosine" in w for w in qm.report["warnings"])
 
 
 def test_bad_target_is_a_usage_error(tmp_path, capsys):

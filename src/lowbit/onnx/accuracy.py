@@ -32,6 +32,8 @@ class SearchResult:
     kept_float: list[str] = field(default_factory=list)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     met: bool = True
+    smoothquant_inputs: int = 0  # MatMul inputs smoothed before the search (0: none)
+    smoothquant_alpha: float | None = None
 
 
 def output_cosine(model: onnx.ModelProto, data: Dataset, reference: list[np.ndarray]) -> float:

@@ -73,6 +73,7 @@ def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = Tr
     fm = FloatModel.split(model)
     del model  # the caller's proto is not touched; our copy holds no large weights
     model = _constants_to_initializers(fm.proto)
+    _bypass_constant_identities(model)
     init_names = {t.name for t in model.graph.initializer}
     kept_inputs = [i for i in model.graph.input if i.name not in init_names]
     if len(kept_inputs) != len(model.graph.input):
@@ -102,6 +103,28 @@ def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = Tr
 
     release_memory()
     return fm
+
+
+def _bypass_constant_identities(model: onnx.ModelProto) -> None:
+    """In place: consumers of ``Identity(initializer)`` read the initializer directly.
+
+    The TorchScript exporter de-duplicates equal parameters (e.g. freshly initialised
+    zero biases) and hands the copies out through Identity nodes; without this they
+    would not look constant to the quantizers."""
+    inits = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.input and n.input[0] in inits
+             and n.output[0] not in outputs}
+    if not alias:
+        return
+    for node in model.graph.node:
+        for k, x in enumerate(node.input):
+            if x in alias:
+                node.input[k] = alias[x]
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def _constants_to_initializers(out: onnx.ModelProto) -> onnx.ModelProto:

@@ -140,6 +140,7 @@ class QuantizeConfig:
     # INT8 modes: keep the most sensitive layers in float until the mean output cosine
     # against float (on calibration samples) reaches this; None: no target
     min_cosine: float | None = None
+    smoothquant: bool = True  # with min_cosine: try SmoothQuant before layer fallback
     strict: bool = False
     batch_size: int = 32
     max_calibration_samples: int = 256
