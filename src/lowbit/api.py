@@ -178,7 +178,7 @@ def quantize(
                             threads=threads, batch=batch, verify=verify, progress=progress, t0=t0)
     outcome = quantize_onnx(float_model, calib, config, progress=progress, threads=threads)
     search = None
-    if config.min_cosine is not None:
+    if config.min_cosine is not None or config.max_drop is not None:
         outcome, search = _search_min_cosine(float_model, calib, config, outcome, threads,
                                              progress)
     report: dict[str, Any] = {
@@ -199,15 +199,16 @@ def quantize(
     }
     if search is not None:
         report["quality_target"] = {
-            "min_cosine": config.min_cosine, "met": search.met,
-            "cosine_on_calibration_samples": round(search.cosine, 6),
+            "min_cosine": config.min_cosine, "max_drop": config.max_drop, "met": search.met,
+            ("cosine_on_calibration_samples" if config.max_drop is None else
+             "minus_accuracy_drop_on_calibration_samples"): round(search.cosine, 6),
             "kept_in_float": search.kept_float, "sensitivity": search.sensitivity,
             "smoothquant_inputs": search.smoothquant_inputs,
             "smoothquant_alpha": search.smoothquant_alpha}
         if not search.met:
             report["warnings"].append(
-                f"min_cosine {config.min_cosine} not reached even with every quantized layer "
-                f"in float once; best cosine {search.cosine:.5f}")
+                f"quality target (min_cosine {config.min_cosine}, max_drop {config.max_drop}) "
+                f"not reached; best score {search.cosine:.5f}")
     if verify:
         if progress is not None:
             progress("verifying", 0, 1)
@@ -233,27 +234,44 @@ def _search_min_cosine(float_model: FloatModel, calib: Dataset, config: Quantize
     from lowbit.onnx.accuracy import meet_min_cosine
     from lowbit.onnx.quantize import quantize_onnx
 
-    selection = calib.take(0, min(calib.num_samples, 64))
+    selection = calib.take(0, min(calib.num_samples, 256 if config.max_drop is not None else 64))
     from lowbit.runtime.session import run_batches
 
     reference = run_batches(make_session(float_model, threads=threads), selection, 16)
+    if config.max_drop is not None:
+        from lowbit.report.metrics import accuracy
+
+        if selection.labels is None:
+            raise DataError(f"{calib.source}: option max_drop needs labels ('y') in the data")
+        base_acc = accuracy(reference[0], selection.labels)
+        if base_acc is None:
+            raise DataError("option max_drop needs a classifier output (batch, classes)")
+
+        def score(model: onnx.ModelProto) -> float:  # minus the drop in points
+            out = run_batches(make_session(model, name="candidate"), selection, 16)[0]
+            return -100.0 * (float(base_acc) - float(accuracy(out, selection.labels) or 0.0))
+
+        target, metric = -float(config.max_drop), "minus_accuracy_drop"
+    else:
+        def score(model: onnx.ModelProto) -> float:
+            return output_cosine(model, selection, reference)
+
+        target, metric = float(config.min_cosine), "cosine"
 
     from lowbit.onnx.accuracy import output_cosine
 
-    target = float(config.min_cosine)
     base, smoothed_inputs, smoothquant_alpha = float_model, 0, None
-    if config.smoothquant and first.plan.dynamic_nodes and \
-            output_cosine(first.model, selection, reference) < target:
+    if config.smoothquant and first.plan.dynamic_nodes and score(first.model) < target:
         # SmoothQuant first: it keeps every layer INT8 (full speed) when it suffices
         from lowbit.onnx.smoothquant import smooth
 
-        best_cos = output_cosine(first.model, selection, reference)
+        best_cos = score(first.model)
         for alpha in SMOOTHQUANT_ALPHAS:  # migration strength; the best on calibration wins
             smoothed, n_inputs = smooth(float_model, calib, alpha=alpha, threads=threads)
             if not n_inputs:
                 break
             candidate = quantize_onnx(smoothed, calib, config, threads=threads)
-            c = output_cosine(candidate.model, selection, reference)
+            c = score(candidate.model)
             if c > best_cos:
                 base, first, best_cos, smoothed_inputs = smoothed, candidate, c, n_inputs
                 smoothquant_alpha = alpha
@@ -265,7 +283,8 @@ def _search_min_cosine(float_model: FloatModel, calib: Dataset, config: Quantize
                                   calibration=first.method or config.calibration)
         return quantize_onnx(base, calib, cfg, threads=threads)
 
-    search = meet_min_cosine(build, first, selection, reference, target, progress)
+    search = meet_min_cosine(build, first, selection, reference, target, progress, score=score,
+                             metric=metric)
     search.smoothquant_inputs = smoothed_inputs if base is not float_model else 0
     search.smoothquant_alpha = smoothquant_alpha
     return search.outcome, search

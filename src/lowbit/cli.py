@@ -104,6 +104,9 @@ def quantize(
     exclude: list[str] = typer.Option([], "--exclude", help="Node name to keep in float "
                                       "(repeatable)."),
     max_samples: int = typer.Option(256, "--max-samples", help="Calibration samples at most."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="INT8: like --min-cosine, "
+                                          "with accuracy drop <= this many points (needs "
+                                          "labels 'y')."),
     plan: Path | None = typer.Option(None, "--plan", help="Mixed-precision plan from "
                                      "`lowbit sensitivity` (INT4/INT8/float per layer)."),
     min_cosine: float | None = typer.Option(None, "--min-cosine", help="INT8: keep the most "
@@ -136,7 +139,7 @@ def quantize(
                             weight_granularity=weights, bits=bits,  # type: ignore[arg-type]
                             group_size=group_size, algorithm=algorithm,
                             symmetric=not asymmetric, accuracy_level=accuracy_level,
-                            min_cosine=min_cosine)
+                            min_cosine=min_cosine, max_drop=max_drop)
     show = not quiet and not as_json
     if plan is not None:
         _quantize_with_plan(model, output, data, plan, show, as_json)

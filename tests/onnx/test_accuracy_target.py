@@ -76,3 +76,34 @@ def test_bad_target_is_a_usage_error(tmp_path, capsys):
                "--data", str(tmp_path / "d.npz"), "--min-cosine", "0"])
     assert rc == 2
     assert "min_cosine" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    from lowbit.data import digits_split
+    from lowbit.models import lenet_300_100
+    from lowbit.torch.train import train_classifier
+
+    x_tr, y_tr, _, _ = digits_split(0)
+    x = x_tr.reshape(len(x_tr), -1)
+    x[:, 0] = np.random.default_rng(0).standard_normal(len(x)) * 200.0  # an outlier feature
+    return train_classifier(lenet_300_100(64), x, y_tr, epochs=3, seed=0), x, y_tr
+
+
+def test_max_drop_is_met_on_labelled_data(digits_mlp):
+    model, x, y = digits_mlp
+    cfg = lowbit.QuantizeConfig(mode="dynamic", max_drop=0.0, smoothquant=False)
+    qm = lowbit.quantize(model, (x[:400], y[:400]), config=cfg)
+    target = qm.report["quality_target"]
+    assert target["max_drop"] == 0.0 and target["met"]
+    assert target["minus_accuracy_drop_on_calibration_samples"] >= 0.0
+
+
+def test_max_drop_needs_labels_and_one_target(digits_mlp):
+    from lowbit.errors import DataError
+
+    model, x, _ = digits_mlp
+    with pytest.raises(DataError, match="labels"):
+        lowbit.quantize(model, x[:100], config=lowbit.QuantizeConfig(mode="dynamic", max_drop=1.0))
+    with pytest.raises(ValidationError, match="one quality target"):
+        lowbit.QuantizeConfig(min_cosine=0.99, max_drop=1.0)

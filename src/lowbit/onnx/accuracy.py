@@ -48,9 +48,18 @@ def quantized_layers(outcome: Any) -> list[tuple[str, str]]:
 
 def meet_min_cosine(build: Callable[[tuple[str, ...]], Any], first: Any, data: Dataset,
                     reference: list[np.ndarray], target: float,
-                    progress: Callable[[str, int, int], None] | None = None) -> SearchResult:
-    """``build(excluded_node_names)`` quantizes with those nodes kept in float."""
-    cosine = output_cosine(first.model, data, reference)
+                    progress: Callable[[str, int, int], None] | None = None,
+                    score: Callable[[onnx.ModelProto], float] | None = None,
+                    metric: str = "cosine") -> SearchResult:
+    """``build(excluded_node_names)`` quantizes with those nodes kept in float.
+
+    ``score`` (higher is better, default: output cosine) and ``target`` may be any
+    quality measure, e.g. minus the accuracy drop in points for ``max_drop``."""
+    if score is None:
+        def score(model: onnx.ModelProto) -> float:
+            return output_cosine(model, data, reference)
+    key = f"{metric}_when_only_this_is_int8"
+    cosine = score(first.model)
     if cosine >= target:
         return SearchResult(first.model, first, cosine)
     layers = quantized_layers(first)
@@ -58,18 +67,17 @@ def meet_min_cosine(build: Callable[[tuple[str, ...]], Any], first: Any, data: D
     sensitivity = []
     for k, (name, op) in enumerate(layers):
         others = tuple(n for n in names if n != name)
-        alone = output_cosine(build(others).model, data, reference)
-        sensitivity.append({"name": name, "op_type": op, "cosine_when_only_this_is_int8":
-                            round(alone, 6)})
+        alone = score(build(others).model)
+        sensitivity.append({"name": name, "op_type": op, key: round(alone, 6)})
         if progress is not None:
             progress("measuring layer sensitivity", k + 1, len(layers))
-    order = [s["name"] for s in sorted(sensitivity, key=lambda s: s["cosine_when_only_this_is_int8"])]
+    order = [s["name"] for s in sorted(sensitivity, key=lambda s: s[key])]
     lo, hi = 1, len(order)  # smallest k in [1, n] that meets the target
     best: tuple[int, Any, float] | None = None
     while lo <= hi:
         mid = (lo + hi) // 2
         candidate = build(tuple(order[:mid]))
-        c = output_cosine(candidate.model, data, reference)
+        c = score(candidate.model)
         if c >= target:
             best = (mid, candidate, c)
             hi = mid - 1

@@ -140,7 +140,9 @@ class QuantizeConfig:
     # INT8 modes: keep the most sensitive layers in float until the mean output cosine
     # against float (on calibration samples) reaches this; None: no target
     min_cosine: float | None = None
-    smoothquant: bool = True  # with min_cosine: try SmoothQuant before layer fallback
+    smoothquant: bool = True  # with a quality target: try SmoothQuant before layer fallback
+    # INT8 modes: the same search with "accuracy drop <= max_drop points" (needs labels)
+    max_drop: float | None = None
     strict: bool = False
     batch_size: int = 32
     max_calibration_samples: int = 256
@@ -156,6 +158,10 @@ class QuantizeConfig:
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
         object.__setattr__(self, "weight_granularity", parse_enum(
             WeightGranularity, self.weight_granularity, "weight_granularity"))
+        if self.max_drop is not None and not 0.0 <= float(self.max_drop) <= 100.0:
+            raise ValidationError(f"option max_drop: {self.max_drop} must be in [0, 100] points")
+        if self.min_cosine is not None and self.max_drop is not None:
+            raise ValidationError("options min_cosine and max_drop: give one quality target")
         if self.min_cosine is not None and not 0.0 < float(self.min_cosine) <= 1.0:
             raise ValidationError(f"option min_cosine: {self.min_cosine} must be in (0, 1]")
         if self.mode is QuantMode.WEIGHT_ONLY:
