@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def _first_batch(data: Any) -> Any:
     if isinstance(data, (str, os.PathLike)):
         from lowbit.data import load_npz
 
-        arrays = load_npz(data)
+        arrays = load_npz(data, limit=2)  # export needs one small batch only
         return arrays.get("x", next(iter(arrays.values())))
     if isinstance(data, np.ndarray) or hasattr(data, "detach"):
         return data
@@ -201,14 +202,14 @@ def quantize(
         report["quality_target"] = {
             "min_cosine": config.min_cosine, "max_drop": config.max_drop, "met": search.met,
             ("cosine_on_calibration_samples" if config.max_drop is None else
-             "minus_accuracy_drop_on_calibration_samples"): round(search.cosine, 6),
+             "minus_accuracy_drop_on_calibration_samples"): round(search.score, 6),
             "kept_in_float": search.kept_float, "sensitivity": search.sensitivity,
             "smoothquant_inputs": search.smoothquant_inputs,
             "smoothquant_alpha": search.smoothquant_alpha}
         if not search.met:
             report["warnings"].append(
                 f"quality target (min_cosine {config.min_cosine}, max_drop {config.max_drop}) "
-                f"not reached; best score {search.cosine:.5f}")
+                f"not reached; best score {search.score:.5f}")
     if verify:
         if progress is not None:
             progress("verifying", 0, 1)
@@ -329,7 +330,8 @@ def _weight_only(float_model: FloatModel, name: str, in_size: int | None, calib:
                         "relative_weight_error_by_layer": outcome.layer_error},
         "calibration": {"method": None, "samples": calib.num_samples if cfg.algorithm == "gptq"
                         else 0, "source": calib.source},
-        "nodes": {"counts": _count(outcome.decisions), "decisions": outcome.decisions},
+        "nodes": {"counts": dict(Counter(d["treatment"] for d in outcome.decisions)),
+                  "decisions": outcome.decisions},
         "warnings": [],
         "seconds": {},
     }
@@ -344,13 +346,6 @@ def _weight_only(float_model: FloatModel, name: str, in_size: int | None, calib:
     return QuantizedModel(outcome.model, float_model, report)
 
 
-def _count(decisions: list[dict[str, str]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for d in decisions:
-        out[d["treatment"]] = out.get(d["treatment"], 0) + 1
-    return out
-
-
 def _decisions(model: onnx.ModelProto) -> list[dict[str, str]]:
     import json
 
@@ -358,25 +353,59 @@ def _decisions(model: onnx.ModelProto) -> list[dict[str, str]]:
     return list(json.loads(meta.get("lowbit.decisions", "[]")))
 
 
+def quantize_with_plan(model: str | os.PathLike[str], data: Any, plan_path: str, *,
+                       threads: int = 1, batch: int = 8) -> QuantizedModel:
+    """Apply a mixed-precision plan (from ``lowbit sensitivity``) and verify the result.
+
+    >>> qm = quantize_with_plan("gpt.onnx", "calib.npz", "plan.json")   # doctest: +SKIP
+    """
+    from lowbit.onnx.mixed import apply_plan, read_plan
+    from lowbit.report.verify import verify
+
+    fm, name, in_size = resolve_model(model, data)
+    plan = read_plan(plan_path, fm)
+    dataset = as_dataset(data, input_specs_of_model(fm.proto), limit=1536)
+    calib, holdout, _ = split_holdout(dataset, 0.2, 256)
+    proto = apply_plan(fm, plan, calib, group_size=int(plan.get("group_size", 128)),
+                       threads=threads)
+    report = {"tool": "lowbit quantize (mixed precision plan)",
+              "input": {"model": name, "size_bytes": in_size},
+              "plan": {"file": str(plan_path), "layers": plan["layers"],
+                       "counts": dict(Counter(plan["layers"].values()))},
+              "verification": verify(fm, proto, holdout, threads=threads, batch=batch),
+              "environment": {**cpu_info(), **versions()}}
+    return QuantizedModel(proto, fm, report)
+
+
+def is_lbz(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a file that starts with the .lbz magic (content, not name)."""
+    from lowbit.container.format import MAGIC
+
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(len(MAGIC)) == MAGIC
+
+
+def decode_lbz(data: bytes, source: str) -> onnx.ModelProto:
+    """Decode .lbz bytes and run the ONNX checker on the result."""
+    from lowbit.container import decode
+    from lowbit.errors import ModelLoadError
+
+    model = decode(data, source=source)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelLoadError(f"{source}: the decoded model fails the ONNX checker: {exc}") from None
+    return model
+
+
 def read_any(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read an ONNX file or a lowbit .lbz file (told apart by content, not name)."""
-    p = Path(path)
-    if p.is_file():
-        with open(p, "rb") as fh:
-            head = fh.read(4)
-        from lowbit.container import read_lbz
-        from lowbit.container.format import MAGIC
-
-        if head == MAGIC[:4]:
-            model = read_lbz(p)
-            try:
-                onnx.checker.check_model(model)
-            except Exception as exc:
-                from lowbit.errors import ModelLoadError
-
-                raise ModelLoadError(f"{p}: the decoded model fails the ONNX checker: {exc}") from None
-            return model
-    return read_model(p)
+    if is_lbz(path):
+        return decode_lbz(Path(path).read_bytes(), str(path))
+    return read_model(path)
 
 
 def load(path: str | os.PathLike[str]) -> onnx.ModelProto:

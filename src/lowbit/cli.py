@@ -164,27 +164,11 @@ def quantize(
 
 def _quantize_with_plan(model: Path, output: Path, data: Path, plan_path: Path, show: bool,
                         as_json: bool) -> None:
-    from lowbit.api import QuantizedModel, split_holdout
-    from lowbit.data import as_dataset
-    from lowbit.onnx.load import load_model
-    from lowbit.onnx.mixed import apply_plan, read_plan
-    from lowbit.report.verify import verify
-    from lowbit.runtime.session import input_specs_of_model
+    from lowbit.api import quantize_with_plan
 
-    fm, name = load_model(str(model))
-    plan = read_plan(str(plan_path), fm)
-    dataset = as_dataset(str(data), input_specs_of_model(fm.proto), limit=1536)
-    calib, holdout, _ = split_holdout(dataset, 0.2, 256)
-    proto = apply_plan(fm, plan, calib, group_size=int(plan.get("group_size", 128)))
-    counts: dict[str, int] = {}
-    for v in plan["layers"].values():
-        counts[v] = counts.get(v, 0) + 1
-    report = {"tool": "lowbit quantize (mixed precision plan)",
-              "input": {"model": name, "size_bytes": model.stat().st_size},
-              "plan": {"file": str(plan_path), "counts": counts, "layers": plan["layers"]},
-              "verification": verify(fm, proto, holdout)}
-    qm = QuantizedModel(proto, fm, report)
+    qm = quantize_with_plan(str(model), str(data), str(plan_path))
     qm.save(output)
+    counts = qm.report["plan"]["counts"]
     if show:
         from lowbit.report.table import render_quantize
 

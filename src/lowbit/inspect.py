@@ -28,16 +28,16 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from lowbit.api import read_any
+    from lowbit.api import decode_lbz, is_lbz, read_any
 
-    model = read_any(path)
-    info = inspect_proto(model, name=str(path), size=Path(path).stat().st_size)
-    data = Path(path).read_bytes()
+    if not is_lbz(path):
+        model = read_any(path)
+        return inspect_proto(model, name=str(path), size=Path(path).stat().st_size)
     from lowbit.container import breakdown
-    from lowbit.container.format import MAGIC
 
-    if data[:4] == MAGIC[:4]:
-        info["lbz"] = breakdown(data)
+    data = Path(path).read_bytes()  # read once: decoded and broken down
+    info = inspect_proto(decode_lbz(data, str(path)), name=str(path), size=len(data))
+    info["lbz"] = breakdown(data)
     return info
 
 

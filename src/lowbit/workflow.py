@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from lowbit.api import ProgressFn
 from lowbit.clustering.kmeans import Clustering, check_bits, kmeans_1d
 from lowbit.data import Dataset, as_dataset
 from lowbit.errors import UnsupportedOpError, ValidationError
 from lowbit.fileio import write_bytes_atomic, write_json_atomic
-from lowbit.onnx.graph import GraphIndex
+from lowbit.onnx.graph import attr
 from lowbit.onnx.store import FloatModel
 from lowbit.pruning.magnitude import check_sparsity, global_masks, layer_mask
 from lowbit.pruning.nm import nm_mask
@@ -29,8 +30,6 @@ from lowbit.pruning.schedules import polynomial_decay_schedule
 from lowbit.runtime.session import input_specs_of_model
 from lowbit.torch.finetune import FinetuneSpec, finetune, steps_per_epoch, with_weights
 from lowbit.torch.from_onnx import bias_names, weight_names
-
-ProgressFn = Callable[[str, int, int], None]
 
 
 class CompressedModel:
@@ -189,12 +188,10 @@ def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = F
 
 
 def _nm_mask(fm: FloatModel, name: str, w: np.ndarray, nm: tuple[int, int]) -> np.ndarray:
-    index = GraphIndex(fm.proto, fm.weights)
     node = next(n for n in fm.proto.graph.node if len(n.input) > 1 and n.input[1] == name)
     if node.op_type == "Conv":  # (out, in, kh, kw): groups run along the input channels
         return nm_mask(w.reshape(w.shape[0], -1), *nm, axis=1).reshape(w.shape)
-    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-    del index
+    trans_b = bool(attr(node, "transB", 0))
     return nm_mask(w, *nm, axis=1 if (node.op_type == "Gemm" and trans_b) else 0)
 
 

@@ -8,10 +8,12 @@ import json
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from ort_oracle import run as _run
+from ort_oracle import session as _session
+from ort_oracle import sqnr as _sqnr
 
 import lowbit
 from lowbit import models
@@ -42,24 +44,10 @@ def _pattern_tokens(rng: np.random.Generator, n: int, t: int) -> np.ndarray:
     return out
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _run(model: onnx.ModelProto, feed: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
-    sess = _session(model)
-    if not isinstance(feed, dict):
-        feed = {sess.get_inputs()[0].name: feed}
-    return sess.run(None, feed)[0]
 
 
-def _sqnr(ref: np.ndarray, approx: np.ndarray) -> float:
-    ref = np.asarray(ref, np.float64)
-    noise = float(np.sum((ref - np.asarray(approx, np.float64)) ** 2))
-    return float("inf") if noise == 0 else 10.0 * np.log10(float(np.sum(ref**2)) / noise)
 
 
 def _cosine(ref: np.ndarray, approx: np.ndarray) -> float:

@@ -28,7 +28,7 @@ WEIGHTED = ("Conv", "Gemm", "MatMul")
 class SearchResult:
     model: onnx.ModelProto
     outcome: Any
-    cosine: float
+    score: float  # cosine, or minus the accuracy drop, of the returned model
     kept_float: list[str] = field(default_factory=list)
     sensitivity: list[dict[str, Any]] = field(default_factory=list)
     met: bool = True

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lowbit.onnx.graph import GraphIndex, NameFactory
+from lowbit.onnx.graph import GraphIndex, NameFactory, drop_unused_initializers
 from lowbit.onnx.store import FloatModel
 
 
@@ -56,13 +56,8 @@ def fold_batchnorm(fm: FloatModel) -> int:
         folded += 1
     if folded:
         graph.initializer.extend(new_inits)
-        used = {x for n in graph.node for x in n.input}
-        keep = [t for t in graph.initializer if t.name in used or t.name in outputs]
-        for t in graph.initializer:
-            if t.name not in used and t.name not in outputs:
-                fm.weights.pop(t.name, None)
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        used = drop_unused_initializers(graph)
+        fm.weights = {k: v for k, v in fm.weights.items() if k in used}
         del graph.value_info[:]
         fm.proto = onnx.shape_inference.infer_shapes(out)
     return folded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from typing import Any
 
 import numpy as np
 import onnx
@@ -119,6 +120,28 @@ def topological_sort(graph: onnx.GraphProto) -> None:
         raise ValueError("graph has a cycle or a dangling input; cannot sort")
     del graph.node[:]
     graph.node.extend(nodes[i] for i in order)
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """One attribute of ``node`` as a Python value, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> set[str]:
+    """Remove initializers no node or graph output reads; returns the names kept in use."""
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return used
 
 
 def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:

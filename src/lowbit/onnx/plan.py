@@ -15,7 +15,7 @@ from typing import Any
 import onnx
 
 from lowbit.errors import UnsupportedOpError
-from lowbit.onnx.graph import GraphIndex
+from lowbit.onnx.graph import GraphIndex, attr
 from lowbit.onnx.registry import NEUTRAL_OPS, OpKind, rule_for
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -60,6 +60,11 @@ class QuantPlan:
     decisions: list[NodeDecision] = field(default_factory=list)
 
     @property
+    def clip_caps(self) -> dict[str, tuple[float, float]]:
+        """Folded Clip(0, c) outputs: their quantization range may not exceed the clip."""
+        return {f.output: f.clip for f in self.folds if f.clip is not None}
+
+    @property
     def observed(self) -> list[str]:
         """Tensors whose ranges calibration must measure."""
         return [t for t in self.activations if t not in self.shared]
@@ -75,17 +80,11 @@ def node_name(node: onnx.NodeProto, i: int) -> str:
     return node.name or f"{node.op_type}_{i}"
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def weight_problem(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     """Why a weighted node's weight cannot be quantized, or None if it can."""
     rule = rule_for(node.op_type, node.domain)
-    assert rule is not None and rule.weight_input is not None  # internal invariant
+    if rule is None or rule.weight_input is None:
+        return f"{node.op_type} has no registered weight input"
     if len(node.input) <= rule.weight_input:
         return "has no weight input"
     w = node.input[rule.weight_input]
@@ -98,7 +97,7 @@ def weight_problem(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     dims = list(index.initializers[w].dims)
     if node.op_type in ("MatMul", "Gemm") and len(dims) != 2:
         return f"weight '{w}' is {len(dims)}-D (only 2-D MatMul/Gemm weights)"
-    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+    if node.op_type == "Gemm" and attr(node, "transA", 0):
         return "Gemm with transA=1 (not supported)"
     if node.op_type == "Conv" and len(node.input) > 2 and node.input[2]:
         if node.input[2] not in index.initializers:
@@ -255,10 +254,5 @@ def weight_axis(node: onnx.NodeProto) -> int:
     if node.op_type == "Conv":
         return 0
     if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
+        return 0 if attr(node, "transB", 0) else 1
     return 1  # MatMul: (K, N)
-
-
-def clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float, float] | None:
-    ok, clip = _foldable(node, index)
-    return clip if ok else None

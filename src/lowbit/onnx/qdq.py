@@ -15,7 +15,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.onnx.graph import GraphIndex, NameFactory, ensure_opset, topological_sort
+from lowbit.onnx.graph import (
+    GraphIndex,
+    NameFactory,
+    attr,
+    drop_unused_initializers,
+    ensure_opset,
+    topological_sort,
+)
 from lowbit.onnx.plan import QuantPlan, node_name, weight_axis
 from lowbit.onnx.store import FloatModel, embed_weights, is_reference
 from lowbit.quant import affine
@@ -41,7 +48,6 @@ class _Writer:
         self.names = NameFactory(self.model)
         self.new_nodes: list[onnx.NodeProto] = []
         self.new_inits: list[onnx.TensorProto] = []
-        self.weight_cache: dict[tuple[str, int], str] = {}
         self.weight_notes: dict[str, str] = {}  # node -> weight granularity used
 
     def const(self, base: str, value: np.ndarray) -> str:
@@ -96,11 +102,7 @@ class _Writer:
                infer_shapes: bool = True) -> onnx.ModelProto:
         self.graph.node.extend(self.new_nodes)
         self.graph.initializer.extend(self.new_inits)
-        used = {x for n in self.graph.node for x in n.input} | {o.name for o in self.graph.output}
-        keep = [t for t in self.graph.initializer if t.name in used]
-        if len(keep) != len(self.graph.initializer):
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(keep)
+        drop_unused_initializers(self.graph)
         if any(is_reference(t) for t in self.graph.initializer):
             self.model = embed_weights(self.model, self.fm.weights)
             self.graph = self.model.graph
@@ -118,14 +120,7 @@ class _Writer:
         return onnx.shape_inference.infer_shapes(self.model) if infer_shapes else self.model
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+def _setattr(node: onnx.NodeProto, name: str, value: Any) -> None:
     for a in list(node.attribute):
         if a.name == name:
             node.attribute.remove(a)
@@ -135,13 +130,13 @@ def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
 def _normalise_gemm(node: onnx.NodeProto, index: GraphIndex, w: np.ndarray,
                     bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Fold Gemm's alpha into the weight and beta into the bias; set both to 1."""
-    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+    alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
     if alpha != 1.0:
         w = (w * alpha).astype(np.float32)
-        _set_attr(node, "alpha", 1.0)
+        _setattr(node, "alpha", 1.0)
     if bias is not None and beta != 1.0:
         bias = (bias * beta).astype(np.float32)
-        _set_attr(node, "beta", 1.0)
+        _setattr(node, "beta", 1.0)
     return w, bias
 
 
@@ -262,7 +257,7 @@ def _dynamic_matmul(w: _Writer, node: onnx.NodeProto, index: GraphIndex) -> None
         raise ValueError(f"internal: weight of {node.name} vanished")
     if node.op_type == "Gemm":
         weight, bias = _normalise_gemm(node, index, weight, bias)
-        if _attr(node, "transB", 0):
+        if attr(node, "transB", 0):
             weight = np.ascontiguousarray(weight.T)  # (N, K) -> (K, N)
     params = affine.weight_params_per_channel(weight, axis=1)  # per output column
     base = node.input[1]

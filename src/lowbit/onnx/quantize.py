@@ -78,13 +78,13 @@ def activation_params_for(
 
 
 def _slow_int8_convs(model: FloatModel, plan: QuantPlan,
-                     observers: dict[str, HistogramObserver], index: GraphIndex,
-                     threads: int) -> dict[str, str]:
+                     observers: dict[str, HistogramObserver], threads: int) -> dict[str, str]:
     """Convs that measured clearly slower in INT8 than in float, with the reason."""
     from lowbit.onnx.plan import node_name
     from lowbit.onnx.speed_probe import PROBE_MAX_REDUCTION, SLOWER_FACTOR, conv_int8_slowdown
 
     static = set(plan.static_nodes)
+    index = GraphIndex(model.proto, model.weights)
     slow: dict[str, str] = {}
     for i, node in enumerate(model.proto.graph.node):
         name = node_name(node, i)
@@ -127,11 +127,6 @@ def quantize_onnx(
     warnings: list[str] = []
     if not plan.static_nodes and not plan.dynamic_nodes:
         warnings.append("no operator was quantized; the output equals the input model")
-    index = GraphIndex(model.proto, model.weights)
-    clip_caps: dict[str, tuple[float, float]] = {}
-    for fold in plan.folds:
-        if fold.clip is not None:
-            clip_caps[fold.output] = fold.clip
     needs_calibration = bool(plan.observed)
     meta = {"mode": config.mode.value, "treatments": treatments}
     if not needs_calibration:
@@ -159,7 +154,7 @@ def quantize_onnx(
             f"{', '.join(nonfinite[:5])} on the calibration data"
         )
     if config.mode is QuantMode.AUTO:
-        slow = _slow_int8_convs(model, plan, observers, index, threads)
+        slow = _slow_int8_convs(model, plan, observers, threads)
         if slow:
             plan = build_plan(model.proto, weighted_treatment=treatments,
                               exclude=config.exclude_nodes, keep_float=slow, strict=config.strict,
@@ -168,12 +163,10 @@ def quantize_onnx(
             if missing:
                 observers.update(calibrate(model, calib, missing, batch_size=config.batch_size,
                                            threads=threads))
-            clip_caps = {f.output: f.clip for f in plan.folds if f.clip is not None}
             if not plan.observed:
                 qmodel = write_quantized(model, plan, {}, granularity=config.weight_granularity,
                                          metadata=meta)
                 return QuantizeOutcome(qmodel, plan, treatments, None, {}, total, seconds, warnings)
-    del index
     methods = list(CONCRETE_METHODS) if config.calibration is CalibrationMethod.AUTO \
         else [config.calibration]
     scores: dict[str, float] = {}
@@ -189,7 +182,7 @@ def quantize_onnx(
         best_score = -np.inf
         for k, method in enumerate(methods):
             params = activation_params_for(observers, plan, method, percentile=config.percentile,
-                                           clip_caps=clip_caps)
+                                           clip_caps=plan.clip_caps)
             candidate = write_quantized(model, plan, params, granularity=config.weight_granularity,
                                         infer_shapes=False)
             serialized = candidate.SerializeToString()
@@ -207,7 +200,7 @@ def quantize_onnx(
             if progress is not None:
                 progress("choosing calibration", k + 1, len(methods))
     params = activation_params_for(observers, plan, chosen, percentile=config.percentile,
-                                   clip_caps=clip_caps)
+                                   clip_caps=plan.clip_caps)
     release_memory()
     # No shape inference on the result: ONNX Runtime does not need stored shapes, and
     # it would hold two more copies of the model at the memory peak.

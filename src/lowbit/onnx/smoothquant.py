@@ -17,7 +17,13 @@ from onnx import helper, numpy_helper
 
 from lowbit.data import Dataset
 from lowbit.onnx.calibrate import expose_tensors
-from lowbit.onnx.graph import GraphIndex, NameFactory, topological_sort
+from lowbit.onnx.graph import (
+    GraphIndex,
+    NameFactory,
+    attr,
+    drop_unused_initializers,
+    topological_sort,
+)
 from lowbit.onnx.store import FloatModel
 from lowbit.runtime.session import make_session
 
@@ -28,7 +34,7 @@ def _matmul_consumers(fm: FloatModel) -> dict[str, list[onnx.NodeProto]]:
     for node in fm.proto.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
-        if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+        if node.op_type == "Gemm" and attr(node, "transA", 0):
             continue
         w = node.input[1]
         if w in index.initializers and len(index.initializers[w].dims) == 2 and \
@@ -38,7 +44,7 @@ def _matmul_consumers(fm: FloatModel) -> dict[str, list[onnx.NodeProto]]:
 
 
 def _trans_b(node: onnx.NodeProto) -> bool:
-    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    return node.op_type == "Gemm" and bool(attr(node, "transB", 0))
 
 
 def channel_absmax(fm: FloatModel, tensors: list[str], data: Dataset, batch_size: int = 16,
@@ -98,10 +104,7 @@ def smooth(fm: FloatModel, data: Dataset, *, alpha: float = 0.5, threads: int = 
         smoothed += 1
     proto.graph.node.extend(new_nodes)
     proto.graph.initializer.extend(new_inits)
-    used = {i for n in proto.graph.node for i in n.input}
-    keep = [t for t in proto.graph.initializer if t.name in used]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
+    used = drop_unused_initializers(proto.graph)
     weights = {k: v for k, v in weights.items() if k in used}
     topological_sort(proto.graph)
     return FloatModel(proto, weights), smoothed

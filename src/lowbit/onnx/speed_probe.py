@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from lowbit.onnx.graph import attrs as node_attrs
 from lowbit.quant import affine
 from lowbit.runtime.latency import measure_side_by_side
 from lowbit.runtime.session import make_session
@@ -59,7 +60,7 @@ def _single_conv(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | No
         else:
             inits.append(numpy_helper.from_array(bias.astype(np.float32), "b"))
         conv_inputs.append("b")
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attrs(node)
     out = "yc" if quantized else "y"
     nodes.append(helper.make_node("Conv", conv_inputs, [out], **attrs))
     if quantized:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
@@ -23,7 +22,14 @@ from onnx import helper, numpy_helper
 from lowbit.data import Dataset
 from lowbit.errors import DataError, ValidationError
 from lowbit.onnx.calibrate import expose_tensors
-from lowbit.onnx.graph import GraphIndex, NameFactory, ensure_opset, topological_sort
+from lowbit.onnx.graph import (
+    GraphIndex,
+    NameFactory,
+    drop_unused_initializers,
+    ensure_opset,
+    topological_sort,
+)
+from lowbit.onnx.graph import attrs as node_attrs
 from lowbit.onnx.plan import node_name
 from lowbit.onnx.store import FloatModel, embed_weights
 from lowbit.quant.gptq import gptq
@@ -78,7 +84,7 @@ def _candidates(fm: FloatModel, cfg: WeightOnlyConfig) -> tuple[list[onnx.NodePr
         if node.op_type not in ("MatMul", "Gemm"):
             continue
         w = node.input[1] if len(node.input) > 1 else ""
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         reason = None
         if name in cfg.exclude_nodes:
             reason = "excluded by option"
@@ -103,7 +109,7 @@ def _candidates(fm: FloatModel, cfg: WeightOnlyConfig) -> tuple[list[onnx.NodePr
 def _weight_nk(node: onnx.NodeProto, index: GraphIndex) -> tuple[np.ndarray, np.ndarray | None]:
     """The weight as (N, K) and the bias (N,) or None, with Gemm's alpha/beta folded."""
     w = np.asarray(index.constant(node.input[1]), dtype=np.float32)
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attrs(node)
     bias = None
     if node.op_type == "MatMul":
         return np.ascontiguousarray(w.T), None  # (K, N) -> (N, K)
@@ -132,7 +138,7 @@ def iter_hessians(fm: FloatModel, nodes: list[onnx.NodeProto], data: Dataset, *,
     for x in inputs:
         node = next(n for n in nodes if n.input[0] == x)
         w = index.initializers[node.input[1]]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         k = w.dims[0] if node.op_type == "MatMul" or not attrs.get("transB", 0) else w.dims[1]
         sizes[x] = int(k)
     groups: list[list[str]] = [[]]
@@ -223,10 +229,7 @@ def quantize_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | 
     if cfg.embeddings:
         _quantize_embeddings(fm, out, index, cfg, names, new_inits, decisions, outcome)
     out.graph.initializer.extend(new_inits)
-    used = {x for nd in out.graph.node for x in nd.input} | {o.name for o in out.graph.output}
-    keep = [t for t in out.graph.initializer if t.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(keep)
+    drop_unused_initializers(out.graph)
     out = embed_weights(out, fm.weights)
     del out.graph.value_info[:]
     topological_sort(out.graph)
@@ -260,7 +263,7 @@ def _quantize_embeddings(fm: FloatModel, out: onnx.ModelProto, index: GraphIndex
             continue
         name = node.name or f"Gather_{i}"
         table = node.input[0]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attrs(node)
         t = index.initializers.get(table)
         if t is None or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2 or \
                 node.input[1] in index.initializers:
@@ -302,9 +305,8 @@ def _write_node(q: GroupQuantized, stored: int, bias: np.ndarray | None, node: o
     inputs = [node.input[0], b_name, s_name]
     default_zp = 2 ** (stored - 1)
     if not (q.symmetric and stored == q.bits and np.all(q.zero_points == default_zp)):
-        zp = q.zero_points.astype(np.int64) + (0 if stored == q.bits else 0)
         z_name = names(f"{base}_zero_points")
-        inits.append(numpy_helper.from_array(pack_zero_points(zp.astype(np.uint8), stored), z_name))
+        inits.append(numpy_helper.from_array(pack_zero_points(q.zero_points, stored), z_name))
         inputs.append(z_name)
     if bias is not None:
         while len(inputs) < 5:
@@ -314,6 +316,3 @@ def _write_node(q: GroupQuantized, stored: int, bias: np.ndarray | None, node: o
         inputs.append(bias_name)
     return inputs
 
-
-def model_metadata(model: onnx.ModelProto) -> dict[str, Any]:
-    return {p.key: p.value for p in model.metadata_props}

@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from lowbit.errors import ValidationError
-from lowbit.onnx.graph import GraphIndex
+from lowbit.onnx.graph import GraphIndex, attr
 from lowbit.onnx.store import SPLIT_MIN_BYTES, FloatModel
 
 # Ops that apply the same function to every element (any channel axis works).
@@ -103,13 +103,6 @@ def _node_key(node: onnx.NodeProto, position: int) -> str:
     return node.name or f"{node.op_type}#{position}"
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _label(node: onnx.NodeProto) -> str:
     return f"{node.op_type} {node.name}" if node.name else node.op_type
 
@@ -119,8 +112,8 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
     for node in graph.node:
         names.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+        for a in node.attribute:
+            for sub in [a.g] if a.HasField("g") else list(a.graphs):
                 names |= _names_read(sub)
     return names
 
@@ -139,8 +132,8 @@ class _Analyser:
         for node in fm.proto.graph.node:
             for name in set(node.input):
                 self.uses[name] = self.uses.get(name, 0) + 1
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for a in node.attribute:
+                for sub in [a.g] if a.HasField("g") else list(a.graphs):
                     self.in_subgraph |= _names_read(sub)
         for name in self.in_subgraph:
             self.uses[name] = self.uses.get(name, 0) + 1
@@ -159,8 +152,8 @@ class _Analyser:
     def analyse(self, node: onnx.NodeProto) -> _Prunable:
         op = node.op_type
         if op == "Conv":
-            if _attr(node, "group", 1) != 1:
-                raise _Refused(f"grouped Conv (group={_attr(node, 'group', 1)}): "
+            if attr(node, "group", 1) != 1:
+                raise _Refused(f"grouped Conv (group={attr(node, 'group', 1)}): "
                                "its groups would need pruning alike; refused")
             w = self.constant(node.input[1])  # (out, in, kh, kw)
             channels, weight_axis = int(w.shape[0]), 0
@@ -173,7 +166,7 @@ class _Analyser:
             w = self.constant(node.input[1])
             if w.ndim != 2:
                 raise _Refused(f"Gemm weight has rank {w.ndim}, expected 2")
-            weight_axis = 0 if _attr(node, "transB", 0) else 1  # (N, K) or (K, N)
+            weight_axis = 0 if attr(node, "transB", 0) else 1  # (N, K) or (K, N)
             channels = int(w.shape[weight_axis])
             flow = _Flow(axis=1, rank=2)
             slices = [(node.input[1], weight_axis, 1)]
@@ -251,18 +244,18 @@ class _Analyser:
         if op == "Conv":
             if node.input[0] != tensor or tensor in node.input[1:]:
                 raise _Refused(f"output is a parameter of {label}; refused")
-            if _attr(node, "group", 1) != 1:
+            if attr(node, "group", 1) != 1:
                 raise _Refused(f"output feeds grouped Conv {node.name} "
-                               f"(group={_attr(node, 'group', 1)}): its groups would need "
+                               f"(group={attr(node, 'group', 1)}): its groups would need "
                                "pruning alike; refused")
             if not flow.on_axis_one() or flow.block != 1:
                 raise _Refused(f"output feeds {label} but the channels are not on axis 1; refused")
             self._consumer_weight(node, node.input[1], 1, width, flow, slices)
             return []
         if op == "Gemm":
-            if node.input[0] != tensor or tensor in node.input[1:] or _attr(node, "transA", 0):
+            if node.input[0] != tensor or tensor in node.input[1:] or attr(node, "transA", 0):
                 raise _Refused(f"output feeds {label} other than as its untransposed input A; refused")
-            axis = 1 if _attr(node, "transB", 0) else 0  # (N, K) or (K, N): input features
+            axis = 1 if attr(node, "transB", 0) else 0  # (N, K) or (K, N): input features
             self._consumer_weight(node, node.input[1], axis, width, flow, slices)
             return []
         if op == "MatMul":
@@ -324,7 +317,7 @@ class _Analyser:
         if shape is None:
             raise _Refused(f"output feeds {_label(node)} and its input shape is unknown "
                            "(shape inference could not tell H*W); refused")
-        axis = _attr(node, "axis", 1) % max(len(shape), 1)
+        axis = attr(node, "axis", 1) % max(len(shape), 1)
         if axis != 1 or not flow.on_axis_one():
             raise _Refused(f"output feeds {_label(node)} whose axis does not start at the "
                            "channels; refused")

@@ -19,6 +19,7 @@ import onnx
 
 from lowbit.errors import UnsupportedOpError
 from lowbit.onnx.graph import GraphIndex
+from lowbit.onnx.graph import attrs as node_attrs
 from lowbit.onnx.store import FloatModel
 
 SUPPORTED = frozenset({
@@ -27,10 +28,6 @@ SUPPORTED = frozenset({
     "Transpose", "Concat", "Softmax", "BatchNormalization", "Identity", "Dropout", "Squeeze",
     "Unsqueeze",
 })
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def weight_names(fm: FloatModel) -> list[str]:
@@ -141,7 +138,7 @@ def _padded(x: Any, pads: list[int], spatial: int, F: Any, value: float = 0.0) -
 
 
 def _run(node: onnx.NodeProto, x: list[Any], F: Any, torch: Any) -> list[Any]:  # noqa: N803, C901
-    op, a = node.op_type, _attrs(node)
+    op, a = node.op_type, node_attrs(node)
     if op == "Conv":
         spatial = x[0].dim() - 2
         pads, symmetric = _pads(a, spatial)
