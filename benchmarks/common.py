@@ -28,7 +28,7 @@ def train(module, x, y, epochs: int, lr: float = 1e-3, batch_size: int = 32, see
 def time_side_by_side(paths_or_models, feed, *, batch: int, threads: int = 1,
                       iterations: int = 200):
     from lowbit.runtime.latency import measure_side_by_side
-    from lowbit.runtime.session import make_session
+    from lowbit.onnx.session import make_session
 
     sessions = [make_session(m, threads=threads) for m in paths_or_models]
     return measure_side_by_side(sessions, [feed] * len(sessions), batch=batch, threads=threads,

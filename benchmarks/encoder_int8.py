@@ -15,8 +15,8 @@ import numpy as np
 from common import time_side_by_side  # noqa: I001
 
 import lowbit
-from lowbit.report.metrics import mean_cosine
-from lowbit.runtime.session import make_session
+from lowbit.metrics import mean_cosine
+from lowbit.onnx.session import make_session
 
 WORDS = ("the a model quantized network small fast slow device phone cpu memory accuracy data "
          "train test river mountain city music book table cat dog runs sleeps computes "
@@ -68,7 +68,7 @@ def bench_minilm(tmp: Path) -> list[dict]:
                                     "embedding": {0: "b"}})
     calib, held = encode(_sentences(128, 2)), encode(_sentences(64, 3))
     t0 = time.perf_counter()
-    qm = lowbit.quantize(str(float_path), calib, config=lowbit.QuantizeConfig(
+    qm = lowbit.quantize(str(float_path), calib, config=lowbit.Int8Config(
         mode="dynamic", min_cosine=0.995), verify=False)
     secs = time.perf_counter() - t0
     lb_path = tmp / "minilm.lowbit.onnx"

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import digits_upsampled, time_side_by_side, train  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit.report.metrics import accuracy, sqnr_db, top1_agreement  # noqa: E402
-from lowbit.runtime.session import cpu_info, make_session, versions  # noqa: E402
+from lowbit.metrics import accuracy, sqnr_db, top1_agreement  # noqa: E402
+from lowbit.onnx.session import cpu_info, make_session, versions  # noqa: E402
 from lowbit.torch.export import export_module  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

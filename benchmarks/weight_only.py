@@ -15,8 +15,8 @@ import onnx
 from common import time_side_by_side  # noqa: I001
 
 import lowbit
-from lowbit.report.metrics import mean_cosine, sqnr_db
-from lowbit.runtime.session import make_session
+from lowbit.metrics import mean_cosine, sqnr_db
+from lowbit.onnx.session import make_session
 from lowbit.torch.export import export_module
 
 

@@ -135,7 +135,7 @@ def test_cluster_4_bits(work, capsys, tmp_path):
 
 
 def test_unpack_gives_the_compressed_model(work, capsys, tmp_path):
-    from lowbit.workflow import compress
+    from lowbit.api import compress
 
     out = tmp_path / "y.onnx"
     rc, stdout, err = run_cli(capsys, "unpack", work["lbz"], "-o", out)

@@ -1,4 +1,4 @@
-"""The pruning / weight-sharing API verbs (``lowbit.workflow``): prune, cluster, compress,
+"""The pruning / weight-sharing API verbs (``lowbit.api``): prune, cluster, compress,
 ``CompressedModel.save`` to .onnx and .lbz, report.json, and bad input."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
 from lowbit import models
+from lowbit.api import CompressedModel, cluster, compress, prune
 from lowbit.data import digits_split
 from lowbit.errors import ValidationError
 from lowbit.onnx.load import load_model
 from lowbit.onnx.store import FloatModel
+from lowbit.onnx.weights import weight_initializers, weighted_nodes
 from lowbit.pruning.nm import is_nm_sparse
 from lowbit.torch.export import export_module
-from lowbit.torch.from_onnx import bias_names, weight_names
 from lowbit.torch.train import train_classifier
-from lowbit.workflow import CompressedModel, cluster, compress, prune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,6 +31,14 @@ def _run(model: onnx.ModelProto | FloatModel, x: np.ndarray) -> np.ndarray:
     proto = model.joined() if isinstance(model, FloatModel) else model
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def weight_names(fm: FloatModel) -> list[str]:
+    return weight_initializers(fm)
+
+
+def bias_names(fm: FloatModel) -> list[str]:
+    return [n for n in weight_initializers(fm, biases=True) if n not in weight_names(fm)]
 
 
 def _weights(fm: FloatModel) -> dict[str, np.ndarray]:
@@ -162,15 +170,15 @@ def test_prune_structured_with_fine_tuning(lenet, digits):
                eval_data=(x_te, y_te))
     assert [w.shape for w in _weights(cm.fm).values()] == [(150, 64), (50, 150), (10, 50)]
     assert cm.report["settings"]["epochs"] == 1
-    assert cm.report["agreement"]["accuracy"]["compressed"] > 0.8
+    assert cm.report["verification"]["agreement"]["accuracy"]["compressed"] > 0.8
 
 
 def test_prune_with_fine_tuning_beats_post_training_at_high_sparsity(cnn, digits):
     x_tr, y_tr, x_te, y_te = digits
     post = prune(cnn, (x_tr, y_tr), sparsity=0.9, eval_data=(x_te, y_te))
     tuned = prune(cnn, (x_tr, y_tr), sparsity=0.9, eval_data=(x_te, y_te), epochs=3)
-    acc_post = post.report["agreement"]["accuracy"]["compressed"]
-    acc_tuned = tuned.report["agreement"]["accuracy"]["compressed"]
+    acc_post = post.report["verification"]["agreement"]["accuracy"]["compressed"]
+    acc_tuned = tuned.report["verification"]["agreement"]["accuracy"]["compressed"]
     assert acc_tuned > acc_post + 0.15, (acc_post, acc_tuned)
     assert tuned.report["settings"]["epochs"] == 3
     for name, w in _weights(tuned.fm).items():  # the gradual schedule ended at the target
@@ -219,8 +227,9 @@ def test_a_layer_too_small_to_prune_is_skipped_and_reported():
 
 
 def test_prune_only_the_named_layers(lenet):
-    names = weight_names(load_model(lenet)[0])
-    cm = prune(lenet, sparsity=0.7, layers=[names[1]])
+    layers = weighted_nodes(load_model(lenet)[0])[0]
+    names = [w.weight for w in layers]
+    cm = prune(lenet, sparsity=0.7, layers=[layers[1].name])  # node names, as reports show
     after = _weights(cm.fm)
     assert np.count_nonzero(after[names[0]]) == after[names[0]].size
     assert int(np.sum(after[names[1]] == 0)) == round(0.7 * after[names[1]].size)
@@ -345,7 +354,7 @@ def test_report_json_is_written_beside_the_lbz(compressed):
     assert sizes["lbz_ratio"] > 5
     assert [r["name"] for r in report["layers"]] == weight_names(cm.fm)
     assert report["weight_sparsity"] == pytest.approx(0.9, abs=0.01)
-    ag = report["agreement"]
+    ag = report["verification"]["agreement"]
     assert 0.0 <= ag["top1_agreement"] <= 1.0 and "accuracy" in ag
     assert report["output"]["path"] == str(lbz)
     assert set(report["settings"]) == {"prune", "cluster"}

@@ -7,6 +7,9 @@ Public API (heavy dependencies are imported only when a function is called)::
     qm.save("model.int8.onnx")                        # + report.json beside it
     cm = lowbit.compress("model.onnx", "train.npz", sparsity=0.95, bits=5, epochs=30)
     cm.save("model.lbz")
+    # any techniques, in order, over one in-memory model:
+    r = lowbit.run("model.onnx", [lowbit.PruneConfig(sparsity=0.5, epochs=2),
+                                  lowbit.Int8Config(mode="static")], data="train.npz")
 """
 
 from __future__ import annotations
@@ -15,24 +18,25 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "prune", "cluster", "compress", "evaluate", "bench", "inspect_model",
-           "load", "QuantizedModel", "CompressedModel",
-           "QuantizeConfig", "QuantMode", "CalibrationMethod", "LowbitError", "__version__"]
+_API = ("quantize", "prune", "cluster", "compress", "sensitivity", "read_mixed_plan", "evaluate",
+        "bench", "inspect_model", "load", "run", "CompressedModel")
+_CONFIG = ("Int8Config", "WeightOnlyConfig", "MixedPrecisionConfig", "PruneConfig",
+           "StructuredPruneConfig", "ClusterConfig", "QuantMode", "CalibrationMethod",
+           "WeightGranularity", "WeightOnlyAlgorithm", "PruneScope", "ChannelImportance",
+           "ClusterInit", "Precision", "config_from_dict")
+
+__all__ = [*_API, *_CONFIG, "LowbitError", "__version__"]
 
 from lowbit.errors import LowbitError  # noqa: E402  (cheap, no heavy imports)
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("quantize", "QuantizedModel", "evaluate", "bench", "load", "inspect_model"):
+    if name in _API:
         from lowbit import api
 
         return getattr(api, name)
-    if name in ("prune", "cluster", "compress", "CompressedModel"):
-        from lowbit import workflow
+    if name in _CONFIG:
+        from lowbit import config
 
-        return getattr(workflow, name)
-    if name in ("QuantizeConfig", "QuantMode", "CalibrationMethod"):
-        from lowbit.quant import scheme
-
-        return getattr(scheme, name)
+        return getattr(config, name)
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

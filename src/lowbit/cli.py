@@ -21,7 +21,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Make trained neural networks smaller and faster, and prove it.")
 out_console = Console()
 err_console = Console(stderr=True)
-_DEBUG = {"on": False}
 
 
 @contextmanager
@@ -126,69 +125,55 @@ def quantize(
     --bits 4 --group-size 128 --algorithm gptq
     """
     from lowbit.api import quantize as api_quantize
-    from lowbit.errors import ValidationError
-    from lowbit.quant.scheme import QuantizeConfig
+    from lowbit.api import read_mixed_plan
+    from lowbit.config import Int8Config, StageConfig, WeightOnlyConfig
 
-    if not output.parent.is_dir():
-        raise ValidationError(f"option --output: folder does not exist: {output.parent}")
-    if max_samples < 1:
-        raise ValidationError(f"option --max-samples: {max_samples} must be >= 1")
-
-    config = QuantizeConfig(mode=mode, calibration=calibration, strict=strict,  # type: ignore[arg-type]
-                            exclude_nodes=tuple(exclude), max_calibration_samples=max_samples,
-                            weight_granularity=weights, bits=bits,  # type: ignore[arg-type]
-                            group_size=group_size, algorithm=algorithm,
-                            symmetric=not asymmetric, accuracy_level=accuracy_level,
-                            min_cosine=min_cosine, max_drop=max_drop)
-    show = not quiet and not as_json
+    _check_output(output)
+    config: StageConfig
     if plan is not None:
-        _quantize_with_plan(model, output, data, plan, show, as_json)
-        return
+        config = read_mixed_plan(plan)
+        label = "mixed"
+    elif mode.lower() == "weight-only":
+        config = WeightOnlyConfig(bits=bits, group_size=group_size, algorithm=algorithm,
+                                  symmetric=False if asymmetric else None,
+                                  accuracy_level=accuracy_level, exclude_nodes=tuple(exclude),
+                                  max_calibration_samples=max_samples)
+        label = f"INT{bits} weight-only"
+    else:
+        if bits != 8:
+            from lowbit.errors import ValidationError
+
+            raise ValidationError(f"option --bits: {bits} needs --mode weight-only (static, "
+                                  "dynamic and auto modes are INT8)")
+        config = Int8Config(mode=mode, calibration=calibration, strict=strict,
+                            exclude_nodes=tuple(exclude), max_calibration_samples=max_samples,
+                            weight_granularity=weights, min_cosine=min_cosine, max_drop=max_drop)
+        label = "INT8"
+    show = not quiet and not as_json
     with _progress(show) as update:
-        qm = api_quantize(str(model), str(data), config=config,
-                          eval_data=str(eval_data) if eval_data else None,
-                          threads=threads, batch=batch, progress=update)
-    qm.save(output)
-    if show:
-        from lowbit.report.table import render_quantize
+        result = api_quantize(str(model), str(data), config=config,
+                              eval_data=str(eval_data) if eval_data else None,
+                              threads=threads, batch=batch, progress=update)
+    _finish(result, output, show, as_json, require, f"float vs {label}", label)
 
-        label = f"INT{bits} weight-only" if config.mode.value == "weight-only" else "INT8"
-        render_quantize(qm.report, out_console, title=f"float vs {label}", label=label)
+
+def _finish(result: Any, output: Path, show: bool, as_json: bool, require: bool, title: str,
+            label: str | None = None) -> None:
+    """Save the result, print its table (or JSON), and apply --require."""
+    result.save(output)
+    report = result.report
+    if show:
+        from lowbit.report.table import render_compression, render_quantize
+
+        if label is not None:
+            render_quantize(report, out_console, title=title, label=label)
+        else:
+            render_compression(report, out_console, title=title)
         out_console.print(f"wrote {output} and {output.parent / 'report.json'}")
-    _emit(qm.report, as_json)
-    flags = qm.report.get("verification", {}).get("flags", [])
+    _emit(report, as_json)
+    flags = report.get("verification", {}).get("flags", [])
     if require and flags:
-        raise TargetNotMetError("--require: the report flags " +
-                                "; ".join(f["kind"] for f in flags))
-
-
-def _quantize_with_plan(model: Path, output: Path, data: Path, plan_path: Path, show: bool,
-                        as_json: bool) -> None:
-    from lowbit.api import quantize_with_plan
-
-    qm = quantize_with_plan(str(model), str(data), str(plan_path))
-    qm.save(output)
-    counts = qm.report["plan"]["counts"]
-    if show:
-        from lowbit.report.table import render_quantize
-
-        render_quantize(qm.report, out_console, title="float vs mixed precision", label="mixed")
-        out_console.print(f"plan {counts}; wrote {output} and {output.parent / 'report.json'}")
-    _emit(qm.report, as_json)
-
-
-def _save_compressed(cm: Any, output: Path, show: bool, as_json: bool, require: bool,
-                     title: str) -> None:
-    cm.save(output)
-    if show:
-        from lowbit.report.table import render_compression
-
-        render_compression(cm.report, out_console, title=title)
-        out_console.print(f"wrote {output} and {output.parent / 'report.json'}")
-    _emit(cm.report, as_json)
-    if require and cm.report.get("flags"):
-        raise TargetNotMetError("--require: the report flags " +
-                                "; ".join(f["kind"] for f in cm.report["flags"]))
+        raise TargetNotMetError("--require: the report flags " + "; ".join(f["kind"] for f in flags))
 
 
 def _check_output(output: Path) -> None:
@@ -232,7 +217,7 @@ def prune(
 
     Example: lowbit prune model.onnx -o model.pruned.lbz --sparsity 0.9 --data train.npz --epochs 5
     """
-    from lowbit.workflow import prune as api_prune
+    from lowbit.api import prune as api_prune
 
     _check_output(output)
     show = not quiet and not as_json
@@ -241,7 +226,7 @@ def prune(
                        structured=structured, importance=importance, scope=scope,
                        nm=_parse_nm(nm), epochs=epochs, lr=lr, threads=threads,
                        eval_data=str(eval_data) if eval_data else None, progress=update)
-    _save_compressed(cm, output, show, as_json, require, "original vs pruned")
+    _finish(cm, output, show, as_json, require, "original vs pruned")
 
 
 @app.command()
@@ -264,7 +249,7 @@ def cluster(
 
     Example: lowbit cluster model.onnx -o model.c4.lbz --bits 4 --data train.npz --epochs 2
     """
-    from lowbit.workflow import cluster as api_cluster
+    from lowbit.api import cluster as api_cluster
 
     _check_output(output)
     show = not quiet and not as_json
@@ -272,7 +257,7 @@ def cluster(
         cm = api_cluster(str(model), str(data) if data else None, bits=bits, epochs=epochs, lr=lr,
                          init=init, threads=threads,
                          eval_data=str(eval_data) if eval_data else None, progress=update)
-    _save_compressed(cm, output, show, as_json, require, "original vs clustered")
+    _finish(cm, output, show, as_json, require, "original vs clustered")
 
 
 @app.command()
@@ -294,7 +279,7 @@ def compress(
 
     Example: lowbit compress lenet.onnx -o lenet.lbz --sparsity 0.95 --bits 5 --data train.npz --epochs 10
     """
-    from lowbit.workflow import compress as api_compress
+    from lowbit.api import compress as api_compress
 
     _check_output(output)
     show = not quiet and not as_json
@@ -302,7 +287,7 @@ def compress(
         cm = api_compress(str(model), str(data) if data else None, sparsity=sparsity, bits=bits,
                           epochs=epochs, lr=lr, threads=threads,
                           eval_data=str(eval_data) if eval_data else None, progress=update)
-    _save_compressed(cm, output, show, as_json, require, "original vs compressed")
+    _finish(cm, output, show, as_json, require, "original vs compressed")
 
 
 @app.command()
@@ -342,32 +327,19 @@ def sensitivity(
     """
     from rich.table import Table
 
-    from lowbit.data import as_dataset
-    from lowbit.errors import ValidationError
+    from lowbit.api import sensitivity as api_sensitivity
     from lowbit.fileio import write_json_atomic
-    from lowbit.onnx.load import load_model
-    from lowbit.onnx.mixed import layer_sensitivity, plan_mixed, search_plan
-    from lowbit.runtime.session import input_specs_of_model
 
     _check_output(output)
-    if (min_cosine is None) == (max_bits is None):
-        raise ValidationError("give exactly one target: --min-cosine or --max-bits")
-    fm, _ = load_model(str(model))
-    calib = as_dataset(str(data), input_specs_of_model(fm.proto), limit=256)
     with _progress(not quiet) as update:
-        rows = layer_sensitivity(fm, calib, group_size=group_size, progress=update)
-        if min_cosine is not None:
-            plan, _ = search_plan(fm, calib, rows, min_cosine=min_cosine, group_size=group_size)
-        else:
-            plan = plan_mixed(rows, max_weight_bits=max_bits)
-    plan["sensitivity"] = rows
-    plan["group_size"] = group_size
+        plan = api_sensitivity(str(model), str(data), min_cosine=min_cosine, max_bits=max_bits,
+                               group_size=group_size, progress=update)
     write_json_atomic(output, plan)
     if not quiet:
         table = Table(title="output cosine vs float with only this layer quantized")
         for col in ("layer", "params", "INT4", "INT8", "plan"):
             table.add_column(col, justify="left" if col == "layer" else "right")
-        for r in rows:
+        for r in plan["sensitivity"]:
             table.add_row(r["name"], f"{r['params']:,}", f"{r['cosine_int4']:.6f}",
                           f"{r['cosine_int8']:.6f}", plan["layers"][r["name"]])
         out_console.print(table)
@@ -443,14 +415,14 @@ def inspect(
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in args:
+    debug = "--debug" in args
+    if debug:
         args.remove("--debug")
-        _DEBUG["on"] = True
     try:
         # standalone mode: typer/click print usage errors themselves and exit 2
         app(args=args, prog_name="lowbit", standalone_mode=True)
     except LowbitError as exc:
-        if _DEBUG["on"]:
+        if debug:
             raise
         err_console.print("error: " + str(exc), markup=False, emoji=False, highlight=False,
                           soft_wrap=True)
@@ -464,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(str(exc.code))
         return 1
     except Exception as exc:  # anything unexpected: one line, not a traceback
-        if _DEBUG["on"]:
+        if debug:
             raise
         err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for "
                           "the traceback)", markup=False, emoji=False, highlight=False,

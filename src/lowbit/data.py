@@ -261,6 +261,23 @@ def _fmt_shape(shape: tuple[int | str | None, ...]) -> str:
     return "(" + ", ".join("?" if not isinstance(d, int) or d <= 0 else str(d) for d in shape) + ")"
 
 
+DEFAULT_DYNAMIC_DIM = 16  # non-batch dynamic dims (e.g. sequence length) without data
+
+
+def synthetic_feed(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded random inputs of the right shape and dtype (for timing only)."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        shape = [batch] + [d if isinstance(d, int) and d > 0 else DEFAULT_DYNAMIC_DIM
+                           for d in spec.shape[1:]]
+        if spec.dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return feed
+
+
 def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits as (x_train, y_train, x_test, y_test).
 
@@ -277,3 +294,16 @@ def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
         x, y, test_size=0.2, random_state=seed, stratify=y
     )
     return x_tr, y_tr, x_te, y_te
+
+
+def split_holdout(data: Dataset, fraction: float = 0.2) -> tuple[Dataset, Dataset, bool]:
+    """(working part, held-back last ``fraction``, whether they are separate).
+
+    With a single sample nothing can be held back: both parts are that sample."""
+    n = data.num_samples
+    if n < 2 or fraction <= 0:
+        return data, data, False
+    hold = min(max(1, int(round(n * fraction))), n - 1)
+    work, held = data.take(0, n - hold), data.take(n - hold, n)
+    held.source = f"{data.source} (last {hold} samples, held back from calibration/training)"
+    return work, held, True

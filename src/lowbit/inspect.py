@@ -28,7 +28,7 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from lowbit.api import decode_lbz, is_lbz, read_any
+    from lowbit.model_io import decode_lbz, is_lbz, read_any
 
     if not is_lbz(path):
         model = read_any(path)

@@ -25,7 +25,7 @@ def outlier_mlp():
 
 
 def _quantize(model, x, target, smoothquant=False):
-    cfg = lowbit.QuantizeConfig(mode="dynamic", min_cosine=target, smoothquant=smoothquant)
+    cfg = lowbit.Int8Config(mode="dynamic", min_cosine=target, smoothquant=smoothquant)
     return lowbit.quantize(model, x, config=cfg)
 
 
@@ -71,7 +71,7 @@ def test_unreachable_target_is_reported(outlier_mlp):
 
 def test_bad_target_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(ValidationError, match="min_cosine"):
-        lowbit.QuantizeConfig(min_cosine=1.5)
+        lowbit.Int8Config(min_cosine=1.5)
     rc = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
                "--data", str(tmp_path / "d.npz"), "--min-cosine", "0"])
     assert rc == 2
@@ -92,7 +92,7 @@ def digits_mlp():
 
 def test_max_drop_is_met_on_labelled_data(digits_mlp):
     model, x, y = digits_mlp
-    cfg = lowbit.QuantizeConfig(mode="dynamic", max_drop=0.0, smoothquant=False)
+    cfg = lowbit.Int8Config(mode="dynamic", max_drop=0.0, smoothquant=False)
     qm = lowbit.quantize(model, (x[:400], y[:400]), config=cfg)
     target = qm.report["quality_target"]
     assert target["max_drop"] == 0.0 and target["met"]
@@ -104,6 +104,6 @@ def test_max_drop_needs_labels_and_one_target(digits_mlp):
 
     model, x, _ = digits_mlp
     with pytest.raises(DataError, match="labels"):
-        lowbit.quantize(model, x[:100], config=lowbit.QuantizeConfig(mode="dynamic", max_drop=1.0))
+        lowbit.quantize(model, x[:100], config=lowbit.Int8Config(mode="dynamic", max_drop=1.0))
     with pytest.raises(ValidationError, match="one quality target"):
-        lowbit.QuantizeConfig(min_cosine=0.99, max_drop=1.0)
+        lowbit.Int8Config(min_cosine=0.99, max_drop=1.0)

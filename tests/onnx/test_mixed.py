@@ -9,15 +9,23 @@ import numpy as np
 import onnx
 import pytest
 
+from lowbit.api import read_mixed_plan, sensitivity
 from lowbit.cli import main
+from lowbit.config import Precision
 from lowbit.data import Dataset
 from lowbit.errors import ValidationError
 from lowbit.models import tiny_gpt
-from lowbit.onnx.accuracy import output_cosine
 from lowbit.onnx.load import load_model
-from lowbit.onnx.mixed import apply_plan, layer_sensitivity, plan_mixed, read_plan, search_plan
-from lowbit.runtime.session import make_session, run_batches
+from lowbit.onnx.scoring import output_cosine
+from lowbit.onnx.session import make_session, run_batches
+from lowbit.onnx.writer import write_model
+from lowbit.stages.mixed import layer_sensitivity, mixed_plan, plan_for_quality, plan_for_size
 from lowbit.torch.export import export_module
+
+
+def apply_plan(fm, layers, calib):
+    """The model a {layer: precision} plan describes, written in one pass."""
+    return write_model(fm, mixed_plan(fm, {k: Precision(v) for k, v in layers.items()}, calib))
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,7 +57,7 @@ def test_sensitivity_covers_every_linear_layer(gpt):
 def test_apply_plan_writes_each_precision(gpt):
     _, fm, calib, rows = gpt
     names = [r["name"] for r in rows]
-    plan = {"layers": {names[0]: "int4", names[1]: "int8", names[2]: "float"}}
+    plan = {names[0]: "int4", names[1]: "int8", names[2]: "float"}
     ops = Counter(n.op_type for n in apply_plan(fm, plan, calib).graph.node)
     assert ops["MatMulNBits"] == 1 and ops["MatMulInteger"] == 1
     assert ops["MatMul"] == 9 - 2 + 4  # 7 float weight MatMuls + 4 attention MatMuls
@@ -57,7 +65,7 @@ def test_apply_plan_writes_each_precision(gpt):
 
 def test_search_plan_meets_the_target(gpt):
     _, fm, calib, rows = gpt
-    plan, cosine = search_plan(fm, calib, rows, min_cosine=0.9995)
+    plan, cosine = plan_for_quality(fm, calib, rows, min_cosine=0.9995)
     assert cosine >= 0.9995
     ref = run_batches(make_session(fm), calib.take(0, 16), 16)
     assert output_cosine(apply_plan(fm, plan, calib), calib.take(0, 16), ref) >= 0.9995
@@ -65,27 +73,30 @@ def test_search_plan_meets_the_target(gpt):
 
 def test_size_target_puts_int4_where_it_hurts_least(gpt):
     _, _, _, rows = gpt
-    plan = plan_mixed(rows, max_weight_bits=6.0)
+    plan = plan_for_size(rows, 6.0)
     total = sum(r["params"] for r in rows)
-    bits = {"int4": 4, "int8": 8, "float": 32}
-    avg = sum(bits[plan["layers"][r["name"]]] * r["params"] for r in rows) / total
+    bits = {Precision.INT4: 4, Precision.INT8: 8, Precision.FLOAT: 32}
+    avg = sum(bits[plan[r["name"]]] * r["params"] for r in rows) / total
     assert avg <= 6.0
-    int4 = [r["cosine_int4"] for r in rows if plan["layers"][r["name"]] == "int4"]
-    int8 = [r["cosine_int4"] for r in rows if plan["layers"][r["name"]] == "int8"]
+    int4 = [r["cosine_int4"] for r in rows if plan[r["name"]] is Precision.INT4]
+    int8 = [r["cosine_int4"] for r in rows if plan[r["name"]] is Precision.INT8]
     assert not int8 or min(int4) >= max(int8)
 
 
 def test_bad_plans_are_refused(gpt, tmp_path):
-    _, fm, _, _ = gpt
+    path, fm, calib, _ = gpt
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValidationError, match="not valid JSON"):
-        read_plan(str(bad), fm)
+        read_mixed_plan(bad)
+    bad.write_text(json.dumps({"layers": {"nope": "int5"}}))
+    with pytest.raises(ValidationError, match="int5"):
+        read_mixed_plan(bad)
     bad.write_text(json.dumps({"layers": {"nope": "int4"}}))
     with pytest.raises(ValidationError, match="nope"):
-        read_plan(str(bad), fm)
+        mixed_plan(fm, read_mixed_plan(bad).precision, calib)
     with pytest.raises(ValidationError, match="target"):
-        plan_mixed([], min_cosine=None, max_weight_bits=None)
+        sensitivity(str(path), calib.inputs)
 
 
 def test_cli_sensitivity_then_quantize_with_plan(gpt, tmp_path, capsys):

@@ -17,7 +17,7 @@ from ort_oracle import sqnr as _sqnr
 import lowbit
 from lowbit import models
 from lowbit.data import Dataset, digits_split
-from lowbit.runtime.session import optimized_op_counts, unfused_qdq
+from lowbit.onnx.session import optimized_op_counts, unfused_qdq
 from lowbit.torch.export import export_module
 from lowbit.torch.train import train_classifier
 

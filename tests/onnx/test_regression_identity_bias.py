@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from lowbit.config import WeightOnlyConfig
 from lowbit.onnx.load import load_model
-from lowbit.onnx.weight_only import WeightOnlyConfig, quantize_weight_only
-from lowbit.runtime.session import make_session
+from lowbit.onnx.session import make_session
+from lowbit.onnx.weight_only import plan_weight_only
 
 
 def _model():
@@ -35,5 +36,5 @@ def test_identity_of_an_initializer_is_bypassed():
 
 def test_gemm_behind_identity_bias_is_quantized():
     fm, _ = load_model(_model())
-    out = quantize_weight_only(fm, WeightOnlyConfig(bits=4, group_size=32), None)
-    assert [d["treatment"] for d in out.decisions] == ["int4-weight-only"]
+    plan = plan_weight_only(fm, WeightOnlyConfig(bits=4, group_size=32), None)
+    assert [d.label for d in plan.decisions] == ["int4-weight-only"]

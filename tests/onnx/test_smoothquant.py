@@ -7,14 +7,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from lowbit.config import Int8Config
 from lowbit.data import Dataset
 from lowbit.models import mlp, tiny_gpt
-from lowbit.onnx.accuracy import output_cosine
 from lowbit.onnx.load import load_model
-from lowbit.onnx.quantize import quantize_onnx
+from lowbit.onnx.quantize import quantize_int8
+from lowbit.onnx.scoring import output_cosine
+from lowbit.onnx.session import make_session, run_batches
 from lowbit.onnx.smoothquant import smooth
-from lowbit.quant.scheme import QuantizeConfig
-from lowbit.runtime.session import make_session, run_batches
 from lowbit.torch.export import export_module
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,10 +74,10 @@ def test_smoothing_improves_dynamic_int8_on_activation_outliers():
     fm, _ = load_model(model)
     data, held = Dataset({"x": x[:192]}), Dataset({"x": x[192:]})
     ref = run_batches(make_session(fm), held, 64)
-    cfg = QuantizeConfig(mode="dynamic")
-    base = output_cosine(quantize_onnx(fm, data, cfg).model, held, ref)
+    cfg = Int8Config(mode="dynamic")
+    base = output_cosine(quantize_int8(fm, data, cfg).model, held, ref)
     sm, _ = smooth(fm, data, alpha=0.7)
-    smoothed = output_cosine(quantize_onnx(sm, data, cfg).model, held, ref)
+    smoothed = output_cosine(quantize_int8(sm, data, cfg).model, held, ref)
     assert smoothed > base
     assert 1 - smoothed < 0.8 * (1 - base)  # the error falls by a real margin
 

@@ -17,9 +17,9 @@ from ort_oracle import sqnr as _sqnr
 
 import lowbit
 from lowbit import models
+from lowbit.config import WeightOnlyConfig
 from lowbit.errors import DataError, ValidationError
 from lowbit.quant.groupwise import rtn
-from lowbit.quant.scheme import QuantizeConfig
 from lowbit.torch.export import export_module
 
 VOCAB, D_MODEL, HEADS, LAYERS = 64, 64, 4, 2
@@ -69,8 +69,8 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def _weight_only(model, data, **options) -> lowbit.api.QuantizedModel:
-    config = QuantizeConfig(mode="weight-only", **options)
+def _weight_only(model, data, **options) -> lowbit.CompressedModel:
+    config = WeightOnlyConfig(**options)
     return lowbit.quantize(model, data, config=config, verify=False)
 
 
@@ -118,7 +118,7 @@ def heldout() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def quantized(gpt, calib) -> dict[str, lowbit.api.QuantizedModel]:
+def quantized(gpt, calib) -> dict[str, lowbit.CompressedModel]:
     """The random-weight GPT at 4 bits, group 32, by each algorithm (with the report)."""
     return {alg: lowbit.quantize(gpt, calib, mode="weight-only", bits=4, group_size=32,
                                  algorithm=alg) for alg in ALGORITHMS}
@@ -373,8 +373,8 @@ def test_token_ids_outside_the_vocabulary_are_a_data_error(gpt, calib, bad):
 
 def test_gptq_without_data_is_a_data_error(gpt):
     from lowbit.onnx.load import load_model
-    from lowbit.onnx.weight_only import WeightOnlyConfig, quantize_weight_only
+    from lowbit.onnx.weight_only import plan_weight_only
 
     fm, _ = load_model(gpt)
     with pytest.raises(DataError, match="gptq"):
-        quantize_weight_only(fm, WeightOnlyConfig(algorithm="gptq"), None)
+        plan_weight_only(fm, WeightOnlyConfig(algorithm="gptq"), None)

@@ -7,9 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.quant import affine
-from lowbit.quant.observers import NUM_BINS, HistogramObserver, select_range
-from lowbit.quant.scheme import CalibrationMethod
+from lowbit.quant import affine, observers
+from lowbit.quant.observers import NUM_BINS, CalibrationMethod, HistogramObserver, select_range
 
 METHODS = [CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE, CalibrationMethod.MSE,
            CalibrationMethod.ENTROPY]
@@ -237,6 +236,37 @@ def test_mse_range_is_no_worse_than_minmax_in_squared_error(dist):
     mm_err = _sq_error(x, *select_range(obs, CalibrationMethod.MINMAX))
     # histogram (bin-centre) approximation may cost a little
     assert mse_err <= mm_err * 1.05 + 1e-30, (mse_err, mm_err)
+
+
+def _frozen_mse_of_range(obs: HistogramObserver, lo: float, hi: float, levels: int) -> float:
+    """The MSE score before it used affine.scale_zero_point: float64 scale (do not edit)."""
+    centers, counts = obs.centers, obs.counts
+    scale = (hi - lo) / (levels - 1)
+    if scale <= 0:
+        return float(np.sum(counts * centers**2))
+    zp = np.round(-lo / scale)
+    q = np.clip(np.round(centers / scale) + zp, 0, levels - 1)
+    return float(np.sum(counts * ((q - zp) * scale - centers) ** 2))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dist", list(_distributions()), ids=lambda d: d[0])
+def test_mse_picks_the_same_range_as_the_frozen_float64_score(dist, bits):
+    obs = _observe(np.array_split(dist[1], 10))
+    candidates = observers._candidates(obs)
+    errors = [_frozen_mse_of_range(obs, a, b, 2**bits) for a, b in candidates]
+    assert select_range(obs, CalibrationMethod.MSE, bits=bits) == candidates[int(np.argmin(errors))]
+
+
+def test_mse_scores_the_params_that_activation_params_emits():
+    obs = _observe([np.random.default_rng(6).laplace(size=20_000).astype(np.float32)])
+    for lo, hi in [(-2.5, 3.1), (0.0, 1.7), (-0.3, 0.0)]:
+        p = affine.activation_params(lo, hi)
+        c = obs.centers
+        deq = (np.clip(np.round(c / float(p.scale)) + int(p.zero_point), 0, 255)
+               - int(p.zero_point)) * float(p.scale)
+        expected = float(np.sum(obs.counts * (deq - c) ** 2))
+        assert observers._mse_of_range(obs, lo, hi, 8) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("method", [CalibrationMethod.ENTROPY, CalibrationMethod.MSE,

@@ -10,17 +10,28 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import models
 from lowbit.clustering.kmeans import kmeans_1d
+from lowbit.config import PruneScope
 from lowbit.data import Dataset, digits_split
 from lowbit.errors import DataError, UnsupportedOpError
 from lowbit.onnx.load import load_model
+from lowbit.onnx.session import make_session
 from lowbit.onnx.store import FloatModel
+from lowbit.onnx.weights import weight_initializers
 from lowbit.pruning.magnitude import layer_mask
 from lowbit.pruning.schedules import polynomial_decay_schedule
-from lowbit.runtime.session import make_session
+from lowbit.stages.prune import gradual_masks
 from lowbit.torch.export import export_module
 from lowbit.torch.finetune import FinetuneSpec, finetune, steps_per_epoch, with_weights
-from lowbit.torch.from_onnx import OnnxModule, bias_names, weight_names
+from lowbit.torch.from_onnx import build_torch_module
 from lowbit.torch.train import train_classifier
+
+
+def weight_names(fm: FloatModel) -> list[str]:
+    return weight_initializers(fm)
+
+
+def bias_names(fm: FloatModel) -> list[str]:
+    return [n for n in weight_initializers(fm, biases=True) if n not in weight_names(fm)]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,7 +42,7 @@ def _ort(fm: FloatModel, x: np.ndarray) -> np.ndarray:
 
 
 def _torch(fm: FloatModel, x: np.ndarray) -> np.ndarray:
-    module = OnnxModule.build(fm)
+    module = build_torch_module(fm)
     module.eval()
     with torch.no_grad():
         return module(torch.from_numpy(x))[0].numpy()
@@ -142,7 +153,7 @@ def test_weight_and_bias_names_of_digits_cnn(trained_cnn):
     assert len(weights) == 2 and len(biases) == 2
     assert [trained_cnn.constant(n).ndim for n in weights] == [4, 2]
     assert [trained_cnn.constant(n).ndim for n in biases] == [1, 1]
-    module = OnnxModule.build(trained_cnn)
+    module = build_torch_module(trained_cnn)
     assert set(module.parameter_values()) == set(weights) | set(biases)
 
 
@@ -159,7 +170,7 @@ def _single_op_model(op: str, **attrs) -> FloatModel:
 
 def test_unsupported_op_erf():
     with pytest.raises(UnsupportedOpError, match="Erf"):
-        OnnxModule.build(_single_op_model("Erf"))
+        build_torch_module(_single_op_model("Erf"))
 
 
 def test_unsupported_op_layer_normalization():
@@ -172,7 +183,7 @@ def test_unsupported_op_layer_normalization():
                               initializer=[w, scale])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UnsupportedOpError, match="LayerNormalization"):
-        OnnxModule.build(FloatModel.split(model))
+        build_torch_module(FloatModel.split(model))
 
 
 def test_supported_elementwise_op_runs():
@@ -248,7 +259,8 @@ def test_gradual_schedule_ends_at_the_target_sparsity(trained_cnn, digits, scope
     steps = steps_per_epoch(train.num_samples, 32) * 2  # 20 steps
     schedule = polynomial_decay_schedule(0.0, 0.8, 0, steps - 5, frequency=3)
     values = finetune(trained_cnn, train, FinetuneSpec(
-        epochs=2, lr=1e-3, schedule=schedule, schedule_layers=names, schedule_scope=scope))
+        epochs=2, lr=1e-3, mask_update=gradual_masks(schedule, PruneScope(scope)),
+        mask_layers=names))
     zeros = {n: int(np.sum(values[n] == 0)) for n in names}
     sizes = {n: values[n].size for n in names}
     if scope == "layer":
@@ -268,8 +280,8 @@ def test_clusters_keep_assignments_while_centroids_move(trained_cnn, digits):
                           np.float32(0)) for n in names}
     fm = with_weights(trained_cnn, pruned)
     clusters = {n: kmeans_1d(pruned[n], 3) for n in names}
-    values = finetune(fm, _train_set(digits, 320), FinetuneSpec(epochs=1, lr=1e-3,
-                                                               clusters=clusters))
+    values = finetune(fm, _train_set(digits, 320), FinetuneSpec(
+        epochs=1, lr=1e-3, shared={n: (c.codebook, c.indices) for n, c in clusters.items()}))
     for n in names:
         cl, out = clusters[n], values[n]
         assert out.shape == pruned[n].shape

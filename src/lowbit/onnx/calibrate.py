@@ -13,9 +13,9 @@ import onnx
 
 from lowbit.data import Dataset
 from lowbit.onnx.graph import GraphIndex
+from lowbit.onnx.session import make_session
 from lowbit.onnx.store import FloatModel
 from lowbit.quant.observers import HistogramObserver
-from lowbit.runtime.session import make_session
 
 
 def expose_tensors(fm: FloatModel, names: list[str]) -> FloatModel:

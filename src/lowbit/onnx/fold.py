@@ -1,8 +1,9 @@
-"""Float graph simplifications done before quantization.
+"""Float graph simplifications done when a model is loaded.
 
 BatchNormalization after a Conv is folded into the Conv's weight and bias
 (inference-time BN is an affine per-channel map), so the Conv can be
-quantized with BN's scale inside its per-channel weight scales.
+quantized with BN's scale inside its per-channel weight scales. Gemm's alpha
+and beta are folded into its constants.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lowbit.onnx.graph import GraphIndex, NameFactory, drop_unused_initializers
-from lowbit.onnx.store import FloatModel
+from lowbit.onnx.graph import GraphIndex, NameFactory, attr, drop_unused_initializers, set_attr
+from lowbit.onnx.store import SPLIT_MIN_BYTES, FloatModel
 
 
 def fold_batchnorm(fm: FloatModel) -> int:
@@ -61,3 +62,33 @@ def fold_batchnorm(fm: FloatModel) -> int:
         del graph.value_info[:]
         fm.proto = onnx.shape_inference.infer_shapes(out)
     return folded
+
+
+def fold_gemm_scalars(fm: FloatModel) -> int:
+    """Fold each Gemm's alpha into its constant weight and beta into its constant bias
+    (in place) and set them to 1, so nothing downstream has to handle them. Returns how
+    many Gemms changed."""
+    index = GraphIndex(fm.proto, fm.weights)
+    names = NameFactory(fm.proto)
+    changed = 0
+    for node in fm.proto.graph.node:
+        if node.op_type != "Gemm":
+            continue
+        for attr_name, k in (("alpha", 1), ("beta", 2)):
+            factor = float(attr(node, attr_name, 1.0))
+            value = index.constant(node.input[k]) if len(node.input) > k and node.input[k] else None
+            if factor == 1.0 or value is None or value.dtype != np.float32:
+                continue
+            new_name = names(f"{node.input[k]}_{attr_name}_folded")
+            scaled = (value * np.float32(factor)).astype(np.float32)
+            if scaled.nbytes >= SPLIT_MIN_BYTES:
+                fm.proto.graph.initializer.append(fm.set_weight(new_name, scaled))
+            else:
+                fm.proto.graph.initializer.append(numpy_helper.from_array(scaled, new_name))
+            node.input[k] = new_name
+            set_attr(node, attr_name, 1.0)
+            changed += 1
+    if changed:
+        used = drop_unused_initializers(fm.proto.graph)
+        fm.weights = {k: v for k, v in fm.weights.items() if k in used}
+    return changed

@@ -122,12 +122,25 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
+def node_name(node: onnx.NodeProto, position: int) -> str:
+    """A node's name, or ``OpType_position`` for an unnamed node (the one naming rule)."""
+    return node.name or f"{node.op_type}_{position}"
+
+
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """One attribute of ``node`` as a Python value, or ``default``."""
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    """Set (replace) one attribute of ``node``."""
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
 def attrs(node: onnx.NodeProto) -> dict[str, Any]:

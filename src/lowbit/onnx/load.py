@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from lowbit.errors import ModelLoadError, ValidationError
+from lowbit.errors import ModelLoadError
+from lowbit.onnx.checks import check_finite_weights
 from lowbit.onnx.store import FloatModel
 
 MIN_OPSET = 13
@@ -95,8 +95,9 @@ def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = Tr
         raise ModelLoadError(f"{name}: shape inference failed: {_first_line(exc)}") from None
     fm.proto = model
     check_finite_weights(fm, name=name)
-    from lowbit.onnx.fold import fold_batchnorm
+    from lowbit.onnx.fold import fold_batchnorm, fold_gemm_scalars
 
+    fold_gemm_scalars(fm)
     if fold_bn:
         fold_batchnorm(fm)
     from lowbit.runtime.memory import release_memory
@@ -145,32 +146,6 @@ def _constants_to_initializers(out: onnx.ModelProto) -> onnx.ModelProto:
         graph.node.extend(keep)
         graph.initializer.extend(moved)
     return out
-
-
-# Ops whose float constant inputs are weights: an inf there is a broken model. (A -inf
-# constant feeding Where/Add is a legitimate attention mask and is allowed.)
-_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
-                         "LayerNormalization", "InstanceNormalization", "Gather", "PRelu"})
-
-
-def check_finite_weights(fm: FloatModel, *, name: str = "model") -> None:
-    """NaN anywhere, or inf in a weight, is an error naming the tensor."""
-    weights = {x for n in fm.proto.graph.node if n.op_type in _WEIGHT_OPS for x in n.input}
-    for tensor in fm.proto.graph.initializer:
-        if tensor.data_type not in (
-            onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-        ):
-            continue
-        arr = fm.constant(tensor.name)
-        if arr is None:
-            continue
-        bad_mask = ~np.isfinite(arr) if tensor.name in weights else np.isnan(arr)
-        bad = int(np.count_nonzero(bad_mask))
-        if bad:
-            what = "NaN/inf" if tensor.name in weights else "NaN"
-            raise ValidationError(
-                f"{name}: weight tensor '{tensor.name}' contains {bad} {what} value(s)"
-            )
 
 
 def load_model(source: str | os.PathLike[str] | onnx.ModelProto, *,

@@ -37,9 +37,7 @@ class OpRule:
     weight_input: int | None = None  # input index of the constant weight
     bias_input: int | None = None  # input index of the optional bias
     dynamic: bool = False  # may use dynamic (runtime-range) INT8
-    static: bool = True
-    activation_inputs: tuple[int, ...] = (0,)  # inputs that carry activations
-    note: str = ""
+    activation_inputs: tuple[int, ...] | None = (0,)  # inputs that get Q/DQ; None: all
 
 
 REGISTRY: dict[str, OpRule] = {
@@ -48,7 +46,7 @@ REGISTRY: dict[str, OpRule] = {
     "MatMul": OpRule(OpKind.WEIGHTED, weight_input=1, dynamic=True),
     "Add": OpRule(OpKind.ELEMENTWISE, activation_inputs=(0, 1)),
     "Mul": OpRule(OpKind.ELEMENTWISE, activation_inputs=(0, 1)),
-    "Concat": OpRule(OpKind.ELEMENTWISE, activation_inputs=()),  # all inputs
+    "Concat": OpRule(OpKind.ELEMENTWISE, activation_inputs=None),  # all inputs
     "GlobalAveragePool": OpRule(OpKind.ELEMENTWISE),
     "AveragePool": OpRule(OpKind.ELEMENTWISE),
     "MaxPool": OpRule(OpKind.SHARED_SCALE),

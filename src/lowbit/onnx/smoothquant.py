@@ -24,8 +24,8 @@ from lowbit.onnx.graph import (
     drop_unused_initializers,
     topological_sort,
 )
+from lowbit.onnx.session import make_session
 from lowbit.onnx.store import FloatModel
-from lowbit.runtime.session import make_session
 
 
 def _matmul_consumers(fm: FloatModel) -> dict[str, list[onnx.NodeProto]]:

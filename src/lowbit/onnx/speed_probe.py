@@ -13,10 +13,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from lowbit.onnx.graph import GraphIndex, node_name
 from lowbit.onnx.graph import attrs as node_attrs
+from lowbit.onnx.session import make_session
+from lowbit.onnx.store import FloatModel
 from lowbit.quant import affine
+from lowbit.quant.observers import HistogramObserver
 from lowbit.runtime.latency import measure_side_by_side
-from lowbit.runtime.session import make_session
 
 # Convs whose reduction size (in_channels/group * kernel area) is above this
 # are not probed: they measured faster in INT8 in every model we timed.
@@ -24,10 +27,6 @@ PROBE_MAX_REDUCTION = 64
 # INT8 must be this much slower than float before a Conv is kept in float,
 # so timing noise cannot flip a close decision.
 SLOWER_FACTOR = 1.25
-
-
-def reduction_size(weight: np.ndarray, group: int) -> int:
-    return int(np.prod(weight.shape[1:]))  # (out_ch, in_ch/group, kh, kw)
 
 
 def _single_conv(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
@@ -81,3 +80,30 @@ def conv_int8_slowdown(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarra
     stats = measure_side_by_side(sessions, [{"x": x}, {"x": x}], batch=in_shape[0],
                                  threads=threads, iterations=30, warmup=3, min_time_s=0.05)
     return stats[1].p50_ms / stats[0].p50_ms, stats[0].p50_ms, stats[1].p50_ms
+
+
+def slow_int8_convs(fm: FloatModel, convs: list[str], observers: dict[str, HistogramObserver],
+                    threads: int) -> dict[str, str]:
+    """Of the named static Convs, those that measured clearly slower in INT8 than in float
+    at their real input shape, with the reason."""
+    wanted = set(convs)
+    index = GraphIndex(fm.proto, fm.weights)
+    slow: dict[str, str] = {}
+    for i, node in enumerate(fm.proto.graph.node):
+        name = node_name(node, i)
+        if name not in wanted:
+            continue
+        weight = index.constant(node.input[1])
+        obs = observers.get(node.input[0])
+        if weight is None or obs is None or obs.batch_shape is None:
+            continue
+        if int(np.prod(weight.shape[1:])) > PROBE_MAX_REDUCTION:  # (out, in/group, kh, kw)
+            continue
+        bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        ratio, t_float, t_int8 = conv_int8_slowdown(node, weight, bias, obs.batch_shape,
+                                                    threads=threads)
+        if ratio > SLOWER_FACTOR:
+            slow[name] = (f"auto: INT8 measured {ratio:.2f}x slower than float for this Conv "
+                          f"on this CPU ({t_int8:.3f} vs {t_float:.3f} ms at input "
+                          f"{list(obs.batch_shape)})")
+    return slow

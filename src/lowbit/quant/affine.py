@@ -3,6 +3,9 @@
 ``q = clamp(round(x / scale) + zero_point, qmin, qmax)``;
 ``x' = (q - zero_point) * scale``. Rounding is half-to-even, as ONNX
 QuantizeLinear does, so numpy and ONNX Runtime agree bit for bit.
+Granularity tensor, channel (one scale per index of ``axis``) or group (``axis``
+cut into groups of ``group_size``; ``group_params``). ``scale_zero_point`` is the
+one place a range becomes a scale and zero point.
 """
 
 from __future__ import annotations
@@ -33,28 +36,33 @@ def scale_zero_point(
     signed: bool,
     symmetric: bool,
     narrow_range: bool = False,
+    compute_dtype: Any = np.float64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point that map [lo, hi] (widened to contain 0) onto the grid.
 
-    Zero is always exactly representable. Works elementwise on arrays.
+    Zero is always exactly representable. Works elementwise on arrays. The only
+    place in lowbit that turns a range into (scale, zero point). ``compute_dtype``
+    is the precision of the arithmetic: float64 for observed ranges and INT8
+    weights, float32 for group-wise weight-only parameters (``group_params``).
     """
-    lo_arr = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
-    hi_arr = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    ct = np.dtype(compute_dtype).type
+    lo_arr = np.minimum(np.asarray(lo, dtype=ct), ct(0.0))
+    hi_arr = np.maximum(np.asarray(hi, dtype=ct), ct(0.0))
     if not (np.all(np.isfinite(lo_arr)) and np.all(np.isfinite(hi_arr))):
         raise ValueError("quantization range must be finite")
     qmin, qmax = qrange(bits, signed, narrow_range)
     if symmetric:
         absmax = np.maximum(np.abs(lo_arr), np.abs(hi_arr))
         if signed:
-            scale = absmax / float(qmax)
+            scale = absmax / ct(qmax)
             zero_point = np.zeros_like(scale, dtype=np.int64)
         else:  # symmetric unsigned: zero sits in the middle of the grid
             half = (qmax - qmin) / 2.0
-            scale = absmax / half
+            scale = absmax / ct(half)
             zero_point = np.full(scale.shape, int(round((qmax + qmin + 1) / 2)), dtype=np.int64)
     else:
-        scale = (hi_arr - lo_arr) / float(qmax - qmin)
-        safe = np.where(scale > MIN_SCALE, scale, 1.0)
+        scale = (hi_arr - lo_arr) / ct(qmax - qmin)
+        safe = np.where(scale > MIN_SCALE, scale, ct(1.0))
         zero_point = np.round(qmin - lo_arr / safe).astype(np.int64)
         zero_point = np.clip(zero_point, qmin, qmax)
     degenerate = ~(scale > MIN_SCALE)
@@ -78,18 +86,21 @@ def _broadcast(values: np.ndarray | np.generic, ndim: int, axis: int | None) -> 
 def quantize(x: np.ndarray, params: TensorQuantParams, dtype: Any = None) -> np.ndarray:
     """Quantize ``x`` to integers: ``dtype`` if given, else int32 (int64 above 16 bits).
 
-    Computed in float32 (float64 above 16 bits) in blocks along the first axis, so a
-    large weight needs only a small temporary buffer besides the result.
+    Computed in float32 (float64 above 16 bits) in blocks along the first axis (for
+    granularity group: along the axes before the group axis), so a large weight needs
+    only a small temporary buffer besides the result.
     """
+    wide = params.bits > 16
+    ftype = np.float64 if wide else np.float32
+    x = np.asarray(x)
+    out = np.empty(x.shape, dtype=dtype or (np.int64 if wide else np.int32))
+    if params.granularity is Granularity.GROUP:
+        return _quantize_groups(x, params, out, ftype)
     axis = params.axis if params.granularity is Granularity.CHANNEL else None
     if axis is not None and axis < 0:
         axis += x.ndim
-    wide = params.bits > 16
-    ftype = np.float64 if wide else np.float32
     scale = _broadcast(params.scale, x.ndim, axis).astype(np.float32).astype(ftype)
     zp = _broadcast(params.zero_point, x.ndim, axis).astype(ftype)
-    x = np.asarray(x)
-    out = np.empty(x.shape, dtype=dtype or (np.int64 if wide else np.int32))
     if x.ndim == 0:
         return _quantize_block(x, scale, zp, params, ftype).astype(out.dtype)
     row = max(1, int(np.prod(x.shape[1:])))
@@ -113,6 +124,9 @@ def _quantize_block(x: np.ndarray, scale: np.ndarray, zp: np.ndarray,
 
 
 def dequantize(q: np.ndarray, params: TensorQuantParams) -> np.ndarray:
+    """``(q - zero_point) * scale`` as float32, same shape as ``q``."""
+    if params.granularity is Granularity.GROUP:
+        return _dequantize_groups(np.asarray(q), params)
     axis = params.axis if params.granularity is Granularity.CHANNEL else None
     if axis is not None and axis < 0:
         axis += q.ndim
@@ -129,6 +143,8 @@ def dequantize(q: np.ndarray, params: TensorQuantParams) -> np.ndarray:
 def quantization_sqnr_db(w: np.ndarray, params: TensorQuantParams) -> float:
     """SQNR (dB) of ``w`` after a quantize/dequantize round trip, computed block by
     block along the channel axis so a large weight needs little extra memory."""
+    if params.granularity is Granularity.GROUP:
+        return _sqnr_groups(np.asarray(w), params)
     axis = params.axis if params.granularity is Granularity.CHANNEL else None
     view = np.moveaxis(w, axis % w.ndim, 0) if axis is not None else w.reshape(-1, 1)
     scale = np.broadcast_to(np.asarray(params.scale, np.float32).reshape(-1), (view.shape[0],))
@@ -143,6 +159,10 @@ def quantization_sqnr_db(w: np.ndarray, params: TensorQuantParams) -> float:
         err = ((q - z) * s - block).astype(np.float64)
         signal += float(np.sum(block.astype(np.float64) ** 2))
         noise += float(np.sum(err * err))
+    return _db(signal, noise)
+
+
+def _db(signal: float, noise: float) -> float:
     if noise == 0.0:
         return 200.0
     return -200.0 if signal == 0.0 else float(min(200.0, 10.0 * np.log10(signal / noise)))
@@ -185,6 +205,136 @@ def activation_params(lo: float, hi: float, *, bits: int = 8) -> TensorQuantPara
         bits=bits, signed=False, symmetric=False, granularity=Granularity.TENSOR,
         scale=scale.reshape(()), zero_point=zp.reshape(()),
     )
+
+
+# ---------------------------------------------------------------- granularity group
+
+
+def group_params(w: np.ndarray, *, bits: int, group_size: int, axis: int,
+                 symmetric: bool) -> TensorQuantParams:
+    """Group-wise parameters: ``axis`` of ``w`` cut into consecutive groups of
+    ``group_size`` (the last may be shorter), one scale and zero point per group,
+    computed in float32 (see ``scale_zero_point``).
+
+    Symmetric: signed, not narrow, zero point 0, scale absmax / (2**(bits-1) - 1);
+    MatMulNBits stores the unsigned code q + 2**(bits-1). Asymmetric: unsigned over
+    [min, max] widened to contain 0.
+    """
+    w = np.asarray(w)
+    if w.ndim == 0 or not -w.ndim <= axis < w.ndim or int(group_size) < 1:
+        raise ValueError(f"group_params: axis {axis} / group_size {group_size} do not fit "
+                         f"a tensor of shape {w.shape}")
+    axis %= w.ndim
+    a, size, b = _split3(w.shape, axis)
+    groups = -(-size // group_size)
+    lo = np.zeros((a, groups, b), dtype=w.dtype)  # (a, G, b)
+    hi = np.zeros((a, groups, b), dtype=w.dtype)  # (a, G, b)
+    for _, gsl, part in _group_parts(w.reshape(a, size, b), group_size):  # (a, G', g', b)
+        lo[:, gsl] = part.min(axis=2)
+        hi[:, gsl] = part.max(axis=2)
+    scale, zp = scale_zero_point(lo, hi, bits=bits, signed=symmetric, symmetric=symmetric,
+                                 compute_dtype=np.float32)
+    shape = (*w.shape[:axis], groups, *w.shape[axis + 1:])
+    return TensorQuantParams(
+        bits=bits, signed=symmetric, symmetric=symmetric, granularity=Granularity.GROUP,
+        scale=scale.reshape(shape), zero_point=zp.reshape(shape), axis=axis,
+        group_size=int(group_size),
+    )
+
+
+def _split3(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
+    """(a, size, b): ``shape`` seen as (before axis, axis, after axis)."""
+    a = int(np.prod(shape[:axis], dtype=np.int64))
+    return a, shape[axis], int(np.prod(shape[axis + 1:], dtype=np.int64))
+
+
+def _group_layout(params: TensorQuantParams, shape: tuple[int, ...]
+                  ) -> tuple[int, int, int, int, int]:
+    """(a, size, b, groups, group_size) of a group-granularity tensor seen as (a, size, b);
+    checks that scale and zero point are (a, groups, b) in the tensor's layout."""
+    axis, ndim = params.axis, len(shape)
+    if ndim == 0 or axis is None or not -ndim <= axis < ndim or params.group_size is None:
+        raise ValueError(f"group granularity: axis {axis} does not fit a tensor of shape {shape}")
+    axis %= ndim
+    g = int(params.group_size)
+    groups = -(-shape[axis] // g)
+    expected = (*shape[:axis], groups, *shape[axis + 1:])
+    for name, v in (("scale", params.scale), ("zero_point", params.zero_point)):
+        if np.shape(v) != expected:
+            raise ValueError(f"group {name} has shape {np.shape(v)}; a tensor of shape {shape} "
+                             f"(axis {axis}, group_size {g}) needs {expected}")
+    return (*_split3(shape, axis), groups, g)
+
+
+def _group_parts(x3: np.ndarray, g: int) -> Any:
+    """Cut (a, size, b) into its whole groups, (a, G, g, b), and the shorter last group,
+    (a, 1, r, b); yields (slice of size, slice of groups, part). Parts are views."""
+    a, size, b = x3.shape
+    whole = size // g
+    full = whole * g
+    if whole:
+        yield slice(0, full), slice(0, whole), x3[:, :full].reshape(a, whole, g, b)
+    if full < size:
+        yield slice(full, size), slice(whole, whole + 1), x3[:, full:].reshape(a, 1, size - full, b)
+
+
+def _group_arrays(params: TensorQuantParams, a: int, groups: int, b: int,
+                  ftype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point as (a, groups, b) arrays of ``ftype``."""
+    scale = np.asarray(params.scale).astype(np.float32).astype(ftype).reshape(a, groups, b)
+    return scale, np.asarray(params.zero_point).astype(ftype).reshape(a, groups, b)
+
+
+def _quantize_groups(x: np.ndarray, params: TensorQuantParams, out: np.ndarray,
+                     ftype: Any) -> np.ndarray:
+    a, size, b, groups, g = _group_layout(params, x.shape)
+    x3, o3 = x.reshape(a, size, b), out.reshape(a, size, b)  # o3: a view of the fresh out
+    scale, zp = _group_arrays(params, a, groups, b, ftype)  # (a, G, b)
+    step = max(1, (1 << 20) // max(1, size * b))
+    for start in range(0, a, step):
+        rows = slice(start, start + step)
+        for cols, gsl, part in _group_parts(x3[rows], g):  # part (r, G', g', b)
+            s, z = scale[rows, gsl, None], zp[rows, gsl, None]  # (r, G', 1, b)
+            q = _quantize_block(part, s, z, params, ftype)
+            o3[rows, cols] = q.reshape(part.shape[0], cols.stop - cols.start, b)
+    return out
+
+
+def _dequantize_groups(q: np.ndarray, params: TensorQuantParams) -> np.ndarray:
+    a, size, b, groups, g = _group_layout(params, q.shape)
+    wide = params.bits > 16
+    scale, zp = _group_arrays(params, a, groups, b, np.float32)  # (a, G, b)
+    zp64 = np.asarray(params.zero_point).astype(np.int64).reshape(a, groups, b) if wide else None
+    out = np.empty(q.shape, dtype=np.float32)
+    o3 = out.reshape(a, size, b)
+    for cols, gsl, part in _group_parts(q.reshape(a, size, b), g):  # part (a, G', g', b)
+        s = scale[:, gsl, None]  # (a, G', 1, b)
+        if zp64 is not None:
+            y = (part.astype(np.int64) - zp64[:, gsl, None]).astype(np.float32) * s
+        else:
+            y = part.astype(np.float32)  # exact: |q - zp| < 2**17
+            y -= zp[:, gsl, None]
+            y *= s
+        o3[:, cols] = y.reshape(a, cols.stop - cols.start, b)
+    return out
+
+
+def _sqnr_groups(w: np.ndarray, params: TensorQuantParams) -> float:
+    a, size, b, groups, g = _group_layout(params, w.shape)
+    w3 = w.reshape(a, size, b)
+    scale, zp = _group_arrays(params, a, groups, b, np.float32)  # (a, G, b)
+    signal = noise = 0.0
+    step = max(1, (1 << 20) // max(1, size * b))
+    for start in range(0, a, step):
+        rows = slice(start, start + step)
+        for _, gsl, part in _group_parts(w3[rows], g):  # part (r, G', g', b)
+            block = part.astype(np.float32)
+            s, z = scale[rows, gsl, None], zp[rows, gsl, None]  # (r, G', 1, b)
+            q = np.clip(np.rint(block / s) + z, params.qmin, params.qmax)
+            err = ((q - z) * s - block).astype(np.float64)
+            signal += float(np.sum(block.astype(np.float64) ** 2))
+            noise += float(np.sum(err * err))
+    return _db(signal, noise)
 
 
 def pack_int4(values: np.ndarray, *, signed: bool | None = None) -> np.ndarray:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.quant import affine
 from lowbit.quant.groupwise import (
     GroupQuantized,
     check_weight_only,
-    group_params,
+    code_offset,
     pad_k,
     quantize_blocks,
 )
@@ -51,9 +52,11 @@ def gptq(w_nk: np.ndarray, hessian: np.ndarray, *, bits: int, group_size: int,
             col = i1 + i
             if col % group_size == 0:  # parameters from the (already corrected) group
                 g = col // group_size
-                group = np.concatenate([w1[:, i:], W[:, i2:]], axis=1)[:, :group_size]
-                s, z = group_params(group[:, None, :].astype(np.float32), bits, symmetric)
-                scales[:, g], zps[:, g] = s[:, 0], z[:, 0]
+                group = np.concatenate([w1[:, i:], W[:, i2:]], axis=1)[:, :group_size]  # (N, g)
+                p = affine.group_params(group, bits=bits, group_size=group_size, axis=1,
+                                        symmetric=symmetric)  # (N, 1)
+                scales[:, g] = p.scale[:, 0]
+                zps[:, g] = p.zero_point[:, 0] + code_offset(p)  # stored (unsigned) zero point
             g = col // group_size
             s, z = scales[:, g].astype(np.float64), zps[:, g]
             q = quantize_blocks(w1[:, i:i + 1][:, None, :], s[:, None], z[:, None], bits)[:, 0, 0]

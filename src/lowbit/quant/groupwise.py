@@ -6,6 +6,11 @@ of ``group_size``, and every block has its own scale and unsigned zero point.
 Codes are unsigned ``[0, 2**bits - 1]``; symmetric quantization uses the
 fixed zero point ``2**(bits-1)``. K that is not a multiple of the group size
 is padded with zeros (the padding never meets an activation).
+
+Scales and zero points come from ``affine.group_params``: a ``GroupQuantized`` is the
+storage form of a group-granularity ``TensorQuantParams`` on the (N, K) layout, axis 1
+(``to_params`` / ``from_params``). Symmetric groups are signed affine params (zero
+point 0) stored with the unsigned offset ``2**(bits-1)`` (``code_offset``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lowbit.errors import ValidationError
+from lowbit.quant import affine
+from lowbit.quant.scheme import Granularity, TensorQuantParams
 
 GROUP_SIZES = (16, 32, 64, 128, 256)
 
@@ -39,6 +46,46 @@ class GroupQuantized:
         w = (q - self.zero_points[..., None].astype(np.float32)) * self.scales[..., None]
         return w.reshape(n, kp)[:, : self.k]
 
+    def to_params(self) -> TensorQuantParams:
+        """The equivalent group-granularity params on the (N, K) weight, axis 1.
+
+        ``from_params(w, q.to_params())`` gives back ``q``: for RTN with ``w`` the
+        original weight; for GPTQ and HQQ, whose codes are not round(w / scale), with
+        ``w = q.dequantize()``, which requantizes exactly to the same codes.
+        """
+        signed = self.symmetric  # symmetric: signed codes, stored with an offset
+        offset = 2 ** (self.bits - 1) if signed else 0
+        return TensorQuantParams(
+            bits=self.bits, signed=signed, symmetric=self.symmetric,
+            granularity=Granularity.GROUP, scale=self.scales.astype(np.float32),
+            zero_point=self.zero_points.astype(np.int64) - offset, axis=1,
+            group_size=self.group_size,
+        )
+
+    @classmethod
+    def from_params(cls, w_nk: np.ndarray, params: TensorQuantParams) -> GroupQuantized:
+        """Quantize an (N, K) weight with group params on axis 1 (e.g. ``to_params()``);
+        codes are ``affine.quantize(w, params) + code_offset(params)``."""
+        if params.granularity is not Granularity.GROUP or params.axis not in (1, -1):
+            raise ValueError("from_params needs group granularity on axis 1 of an (N, K) weight")
+        bits, group = params.bits, int(params.group_size or 0)
+        check_weight_only(bits, group)
+        k = w_nk.shape[1]
+        offset = code_offset(params)
+        padded = pad_k(w_nk, group)  # (N, Kp); padding quantizes to the zero point
+        codes = affine.quantize(padded, params) + offset  # (N, Kp)
+        zp = np.asarray(params.zero_point, dtype=np.int64) + offset  # (N, blocks)
+        if codes.size and (codes.min() < 0 or codes.max() > 2**bits - 1):
+            raise ValueError("codes do not fit the unsigned storage range")
+        return cls(codes.astype(np.uint8), np.asarray(params.scale, dtype=np.float32),
+                   zp.astype(np.uint8), bits, group, k, params.symmetric)
+
+
+def code_offset(params: TensorQuantParams) -> int:
+    """What MatMulNBits storage adds to an affine code: 2**(bits-1) for signed params
+    (symmetric groups, fixed stored zero point 2**(bits-1)), 0 for unsigned ones."""
+    return 2 ** (params.bits - 1) if params.signed else 0
+
 
 def check_weight_only(bits: int, group_size: int) -> None:
     if isinstance(bits, bool) or int(bits) != bits or not 2 <= int(bits) <= 8:
@@ -59,22 +106,15 @@ def pad_k(w_nk: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def group_params(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point per block; ``blocks`` is (..., group_size)."""
-    levels = 2**bits - 1
-    if symmetric:
-        absmax = np.max(np.abs(blocks), axis=-1)
-        scale = absmax / (2 ** (bits - 1) - 1)
-        zp = np.full(scale.shape, 2 ** (bits - 1), dtype=np.int64)
-    else:
-        lo = np.minimum(blocks.min(axis=-1), 0.0)
-        hi = np.maximum(blocks.max(axis=-1), 0.0)
-        scale = (hi - lo) / levels
-        zp = np.clip(np.rint(-lo / np.where(scale > 0, scale, 1.0)), 0, levels).astype(np.int64)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return scale, zp
+    """Scale and stored (unsigned) zero point per block; ``blocks`` is (..., group_size).
+    Back-compat wrapper of ``affine.group_params``."""
+    p = affine.group_params(blocks, bits=bits, group_size=blocks.shape[-1], axis=-1,
+                            symmetric=symmetric)
+    return p.scale[..., 0], np.asarray(p.zero_point)[..., 0] + code_offset(p)  # (...,)
 
 
 def quantize_blocks(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
+    """Stored codes of (..., group_size) blocks for per-block scale and stored zero point."""
     q = np.rint(blocks / scale[..., None]) + zp[..., None]
     return np.clip(q, 0, 2**bits - 1).astype(np.uint8)
 
@@ -82,12 +122,9 @@ def quantize_blocks(blocks: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits:
 def rtn(w_nk: np.ndarray, *, bits: int, group_size: int, symmetric: bool = True) -> GroupQuantized:
     """Round-to-nearest group-wise quantization of an (N, K) weight."""
     check_weight_only(bits, group_size)
-    n, k = w_nk.shape
-    padded = pad_k(w_nk, group_size)
-    blocks = padded.reshape(n, -1, group_size)
-    scale, zp = group_params(blocks, bits, symmetric)
-    codes = quantize_blocks(blocks, scale, zp, bits).reshape(n, -1)
-    return GroupQuantized(codes, scale, zp.astype(np.uint8), bits, group_size, k, symmetric)
+    params = affine.group_params(w_nk, bits=bits, group_size=group_size, axis=1,
+                                 symmetric=symmetric)  # scale, zero point (N, blocks)
+    return GroupQuantized.from_params(w_nk, params)
 
 
 def pack_codes(codes: np.ndarray, bits: int, group_size: int) -> np.ndarray:

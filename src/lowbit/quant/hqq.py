@@ -1,14 +1,16 @@
 """HQQ (Badri & Shaji, 2023): calibration-free group-wise quantization that fits
 each group's zero point to minimise an l_p (p < 1) error with half-quadratic
 splitting, which ignores the few large outliers that least-squares fitting
-chases. Scales come from the min-max range; only zero points move (kept as
-real numbers during the fit, rounded to the integer grid at the end).
+chases. Scales come from the min-max range (widened to contain 0, as in
+asymmetric RTN: ``affine.group_params``); only zero points move (kept as real
+numbers during the fit, rounded to the integer grid at the end).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from lowbit.quant import affine
 from lowbit.quant.groupwise import GroupQuantized, check_weight_only, pad_k
 
 
@@ -23,10 +25,11 @@ def hqq(w_nk: np.ndarray, *, bits: int, group_size: int, p: float = 0.7, beta: f
     check_weight_only(bits, group_size)
     n, k = w_nk.shape
     levels = 2**bits - 1
-    W = pad_k(w_nk, group_size).reshape(n, -1, group_size).astype(np.float32)  # noqa: N806
-    lo, hi = W.min(axis=-1, keepdims=True), W.max(axis=-1, keepdims=True)
-    scale = np.where(hi > lo, (hi - lo) / levels, 1.0).astype(np.float32)
-    zero = -lo / scale  # real-valued zero point
+    W = pad_k(w_nk, group_size).reshape(n, -1, group_size).astype(np.float32)  # (N, G, g)  # noqa: N806
+    init = affine.group_params(W, bits=bits, group_size=group_size, axis=2, symmetric=False)
+    scale = init.scale  # (N, G, 1), asymmetric RTN's scale
+    # start from RTN's zero point before rounding: -lo / scale over the same range
+    zero = -np.minimum(W.min(axis=-1, keepdims=True), 0.0) / scale  # (N, G, 1), real-valued
     best_err = np.full(scale.shape, np.inf, dtype=np.float32)
     best_zero = zero.copy()
     for _ in range(iterations):

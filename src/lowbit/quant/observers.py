@@ -17,9 +17,22 @@ Range selection (``select_range``) reads the histogram:
 
 from __future__ import annotations
 
+import enum
+
 import numpy as np
 
-from lowbit.quant.scheme import CalibrationMethod
+from lowbit.quant import affine
+
+
+class CalibrationMethod(str, enum.Enum):
+    """How an activation's range is chosen from its histogram (auto: the best of all)."""
+
+    AUTO = "auto"
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+    ENTROPY = "entropy"
+
 
 NUM_BINS = 4096  # over [-R, R]; even, so the centre bin boundary is 0
 _CANDIDATE_FRACTIONS = np.linspace(0.05, 1.0, 96)
@@ -112,13 +125,18 @@ def _candidates(obs: HistogramObserver) -> list[tuple[float, float]]:
     return out
 
 
-def _mse_of_range(obs: HistogramObserver, lo: float, hi: float, levels: int) -> float:
+def _mse_of_range(obs: HistogramObserver, lo: float, hi: float, bits: int) -> float:
+    """Expected squared error over the histogram of the activation params of [lo, hi]
+    (the float32 scale and zero point ``activation_params`` would emit)."""
     centers, counts = obs.centers, obs.counts
-    scale = (hi - lo) / (levels - 1)
-    if scale <= 0:
+    if not hi > lo:  # an empty range quantizes everything to 0
         return float(np.sum(counts * centers**2))
-    zp = np.round(-lo / scale)
-    q = np.clip(np.round(centers / scale) + zp, 0, levels - 1)
+    # in units of a power of two near the radius: exact, and ranges of tiny tensors are
+    # scored instead of all flattening to MIN_SCALE
+    unit = 2.0 ** int(np.frexp(obs.radius)[1])
+    s, z = affine.scale_zero_point(lo / unit, hi / unit, bits=bits, signed=False, symmetric=False)
+    scale, zp = float(s) * unit, float(z)
+    q = np.clip(np.round(centers / scale) + zp, 0, 2**bits - 1)
     deq = (q - zp) * scale
     return float(np.sum(counts * (deq - centers) ** 2))
 
@@ -181,7 +199,7 @@ def select_range(
         return min(max(plo, lo), 0.0), max(min(phi, hi), 0.0)
     candidates = _candidates(obs)
     if method is CalibrationMethod.MSE:
-        errors = [_mse_of_range(obs, a, b, levels) for a, b in candidates]
+        errors = [_mse_of_range(obs, a, b, bits) for a, b in candidates]
     elif method is CalibrationMethod.ENTROPY:
         errors = [_kl_of_range(obs, a, b, levels) for a, b in candidates]
     else:

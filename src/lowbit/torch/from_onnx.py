@@ -15,12 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import onnx
 
 from lowbit.errors import UnsupportedOpError
 from lowbit.onnx.graph import GraphIndex
 from lowbit.onnx.graph import attrs as node_attrs
 from lowbit.onnx.store import FloatModel
+from lowbit.onnx.weights import weight_initializers
 
 SUPPORTED = frozenset({
     "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Sigmoid",
@@ -30,55 +30,29 @@ SUPPORTED = frozenset({
 })
 
 
-def weight_names(fm: FloatModel) -> list[str]:
-    """Names of the constant weights of Conv/Gemm/MatMul nodes (not biases)."""
-    index = GraphIndex(fm.proto, fm.weights)
-    names: list[str] = []
-    for node in fm.proto.graph.node:
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
-            w = node.input[1]
-            if w in index.initializers and index.initializers[w].data_type == onnx.TensorProto.FLOAT \
-                    and w not in names:
-                names.append(w)
-    return names
-
-
-def bias_names(fm: FloatModel) -> list[str]:
-    """Names of the constant biases of Conv/Gemm nodes."""
-    index = GraphIndex(fm.proto, fm.weights)
-    names: list[str] = []
-    for node in fm.proto.graph.node:
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-            b = node.input[2]
-            if b in index.initializers and index.initializers[b].data_type == onnx.TensorProto.FLOAT \
-                    and b not in names:
-                names.append(b)
-    return names
-
-
-class OnnxModule:
-    """Factory namespace; ``build`` returns a torch module (torch imported lazily)."""
-
-    @staticmethod
-    def build(fm: FloatModel, *, weight_override: dict[str, Callable[[], Any]] | None = None) -> Any:
-        return _build(fm, weight_override or {})
-
-
-def _build(fm: FloatModel, overrides: dict[str, Callable[[], Any]]) -> Any:
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-
+def check_trainable(fm: FloatModel) -> None:
+    """Raise ``UnsupportedOpError`` naming the operators the bridge cannot run."""
     unsupported = sorted({n.op_type for n in fm.proto.graph.node if n.op_type not in SUPPORTED
                           or n.domain not in ("", "ai.onnx")})
     if unsupported:
         raise UnsupportedOpError(
             f"cannot fine-tune this graph: operator(s) {', '.join(unsupported)} are not supported "
             "by lowbit's ONNX-to-PyTorch bridge")
+
+
+def build_torch_module(fm: FloatModel, *, weight_override: dict[str, Callable[[], Any]] | None = None
+                       ) -> Any:
+    """A ``torch.nn.Module`` that runs ``fm``'s graph. The constant weights and biases of
+    Conv/Gemm/MatMul layers are parameters (unless ``weight_override`` computes them);
+    ``parameter_values()`` gives them back by initializer name."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    check_trainable(fm)
+    overrides = weight_override or {}
     index = GraphIndex(fm.proto, fm.weights)
-    trainable = set(weight_names(fm))
-    for node in fm.proto.graph.node:  # biases of weighted ops train too
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-            trainable.add(node.input[2])
+    trainable = set(weight_initializers(fm, biases=True))
+    program = [(n.op_type, node_attrs(n), list(n.input), list(n.output)) for n in fm.proto.graph.node]
 
     class Module(torch.nn.Module):
         def __init__(self) -> None:
@@ -109,10 +83,9 @@ def _build(fm: FloatModel, overrides: dict[str, Callable[[], Any]]) -> Any:
             env: dict[str, Any] = {"": None}
             for spec, x in zip(index.graph_inputs, inputs):
                 env[spec] = x
-            for node in fm.proto.graph.node:
-                args = [env[x] if x in env else (self.value(x) if x else None) for x in node.input]
-                outs = _run(node, args, F, torch)
-                for name, value in zip(node.output, outs):
+            for op, a, ins, outs in program:
+                args = [env[x] if x in env else (self.value(x) if x else None) for x in ins]
+                for name, value in zip(outs, _run(op, a, args, F, torch)):
                     env[name] = value
             return [env[o] for o in index.graph_outputs]
 
@@ -137,8 +110,7 @@ def _padded(x: Any, pads: list[int], spatial: int, F: Any, value: float = 0.0) -
     return F.pad(x, torch_pads, value=value)
 
 
-def _run(node: onnx.NodeProto, x: list[Any], F: Any, torch: Any) -> list[Any]:  # noqa: N803, C901
-    op, a = node.op_type, node_attrs(node)
+def _run(op: str, a: dict[str, Any], x: list[Any], F: Any, torch: Any) -> list[Any]:  # noqa: N803, C901
     if op == "Conv":
         spatial = x[0].dim() - 2
         pads, symmetric = _pads(a, spatial)

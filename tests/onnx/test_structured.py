@@ -10,9 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import models
 from lowbit.errors import ValidationError
+from lowbit.onnx.session import make_session
 from lowbit.onnx.store import FloatModel
-from lowbit.pruning.structured import ChannelPlan, apply_channel_pruning, plan_channel_pruning
-from lowbit.runtime.session import make_session
+from lowbit.onnx.structured import ChannelPlan, apply_channel_pruning, plan_channel_pruning
 from lowbit.torch.export import export_module
 
 RNG = np.random.default_rng(0)

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from lowbit.config import ChannelImportance, parse_enum
 from lowbit.errors import ValidationError
-from lowbit.onnx.graph import GraphIndex, attr
+from lowbit.onnx.graph import GraphIndex, attr, node_name
 from lowbit.onnx.store import SPLIT_MIN_BYTES, FloatModel
 
 # Ops that apply the same function to every element (any channel axis works).
@@ -39,14 +39,6 @@ _POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool"}
 # Binary ops: a bias/scale if the other operand is a constant, a residual join otherwise.
 _BINARY = {"Add", "Sub", "Mul", "Div"}
 _PRODUCERS = {"Conv", "Gemm", "MatMul"}
-
-
-class ChannelImportance(str, Enum):
-    """How output channels are ranked: weight-norm of the filter, or |gamma| of the next BN."""
-
-    L1 = "l1"
-    L2 = "l2"
-    BN = "bn"
 
 
 @dataclass(frozen=True)
@@ -97,10 +89,6 @@ class _Prunable:
 
 class _Refused(Exception):
     """Internal: a producer cannot be pruned; the message is the reason."""
-
-
-def _node_key(node: onnx.NodeProto, position: int) -> str:
-    return node.name or f"{node.op_type}#{position}"
 
 
 def _label(node: onnx.NodeProto) -> str:
@@ -335,11 +323,7 @@ def _validate_options(ratio: float, importance: Any, min_channels: int) -> Chann
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) \
             or not 0.0 <= float(ratio) < 1.0:
         raise ValidationError(f"ratio must be a number in [0, 1), got {ratio!r}")
-    try:
-        mode = ChannelImportance(importance)
-    except ValueError:
-        choices = ", ".join(m.value for m in ChannelImportance)
-        raise ValidationError(f"importance must be one of {choices}; got {importance!r}") from None
+    mode = parse_enum(ChannelImportance, importance, "importance")
     if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 1:
         raise ValidationError(f"min_channels must be an integer >= 1, got {min_channels!r}")
     return mode
@@ -361,7 +345,7 @@ def _channel_scores(fm: FloatModel, item: _Prunable, mode: ChannelImportance) ->
 
 
 def _prunable_nodes(fm: FloatModel) -> list[tuple[str, onnx.NodeProto]]:
-    return [(_node_key(n, i), n) for i, n in enumerate(fm.proto.graph.node)]
+    return [(node_name(n, i), n) for i, n in enumerate(fm.proto.graph.node)]
 
 
 def plan_channel_pruning(fm: FloatModel, *, ratio: float, importance: str = "l1",

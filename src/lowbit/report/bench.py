@@ -1,4 +1,4 @@
-"""``lowbit bench``: several models side by side on the same inputs."""
+"""``lowbit bench`` and ``lowbit eval``: models run on the same inputs, side by side."""
 
 from __future__ import annotations
 
@@ -7,33 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
-from lowbit.data import Dataset, InputSpec, as_dataset
+from lowbit.data import Dataset, as_dataset, synthetic_feed
 from lowbit.errors import ValidationError
-from lowbit.report.metrics import accuracy
+from lowbit.metrics import accuracy
+from lowbit.model_io import read_any
+from lowbit.onnx.session import cpu_info, input_specs, make_session, run_batches, versions
 from lowbit.runtime.latency import measure_side_by_side
-from lowbit.runtime.session import cpu_info, input_specs, make_session, versions
-
-DEFAULT_DYNAMIC_DIM = 16  # non-batch dynamic dims (e.g. sequence length) without data
-
-
-def synthetic_feed(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs of the right shape and dtype (for timing only)."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for spec in specs:
-        shape = [batch] + [d if isinstance(d, int) and d > 0 else DEFAULT_DYNAMIC_DIM
-                           for d in spec.shape[1:]]
-        if spec.dtype.kind == "f":
-            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        else:
-            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return feed
-
-
-def feed_for(data: Dataset | None, specs: list[InputSpec], batch: int) -> dict[str, np.ndarray]:
-    """One batch of inputs for timing: from ``data`` if given, else seeded synthetic."""
-    return data.feed(batch) if data is not None else synthetic_feed(specs, batch)
 
 
 def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch: int = 8,
@@ -44,8 +25,6 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch
         raise ValidationError("options batch, threads and iterations must be >= 1")
     sessions, feeds, datasets = [], [], []
     for path in paths:
-        from lowbit.api import read_any
-
         proto = read_any(path)  # ONNX or .lbz; one clear error for a bad file
         sess = make_session(proto, threads=threads, name=str(path))
         specs = input_specs(sess)
@@ -73,3 +52,18 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch
         rows.append(row)
     return {"batch": batch, "threads": threads, "models": rows,
             "environment": {**cpu_info(), **versions()}}
+
+
+def evaluate_model(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,
+                   threads: int = 1) -> dict[str, Any]:
+    """Accuracy (with labels) and the outputs' shapes of one model on ``data``."""
+    proto = model if isinstance(model, onnx.ModelProto) else read_any(model)
+    label = "model" if isinstance(model, onnx.ModelProto) else str(model)
+    session = make_session(proto, threads=threads, name=label)
+    dataset = as_dataset(data, input_specs(session))
+    outputs = run_batches(session, dataset)
+    result: dict[str, Any] = {"samples": dataset.num_samples,
+                              "output_shapes": [list(o.shape) for o in outputs]}
+    if dataset.labels is not None:
+        result["accuracy"] = accuracy(outputs[0], dataset.labels)
+    return result

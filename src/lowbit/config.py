@@ -1,0 +1,360 @@
+"""One frozen, typed, serialisable config per technique.
+
+A config is what a user asks for; the stage registered for its type (see
+``lowbit.pipeline``) does the work. Every field is checked when the config is
+made, so a bad option fails before any work starts, naming the option::
+
+    >>> PruneConfig(sparsity=0.9, epochs=5).to_dict()["kind"]
+    'prune'
+    >>> config_from_dict({"kind": "cluster", "bits": 5})
+    ClusterConfig(bits=5, init=<ClusterInit.LINEAR: 'linear'>, ...)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+from lowbit.errors import ValidationError
+from lowbit.quant.observers import CalibrationMethod
+
+__all__ = [
+    "CalibrationMethod", "QuantMode", "WeightGranularity", "WeightOnlyAlgorithm", "PruneScope",
+    "ChannelImportance", "ClusterInit", "Precision", "StageConfig", "Int8Config",
+    "WeightOnlyConfig", "MixedPrecisionConfig", "PruneConfig", "StructuredPruneConfig",
+    "ClusterConfig", "config_from_dict", "parse_enum",
+]
+
+
+class QuantMode(str, enum.Enum):
+    """INT8 modes. auto: Conv static; MatMul/Gemm static when fed 8-bit data, else dynamic."""
+
+    AUTO = "auto"
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+class WeightGranularity(str, enum.Enum):
+    """INT8 weight granularity of static MatMul/Gemm (Conv is always per channel)."""
+
+    AUTO = "auto"
+    CHANNEL = "channel"
+    TENSOR = "tensor"
+
+
+class WeightOnlyAlgorithm(str, enum.Enum):
+    RTN = "rtn"
+    GPTQ = "gptq"
+    HQQ = "hqq"
+
+
+class PruneScope(str, enum.Enum):
+    LAYER = "layer"
+    GLOBAL = "global"
+
+
+class ChannelImportance(str, enum.Enum):
+    """How output channels are ranked: weight norm of the filter, or |gamma| of the next BN."""
+
+    L1 = "l1"
+    L2 = "l2"
+    BN = "bn"
+
+
+class ClusterInit(str, enum.Enum):
+    LINEAR = "linear"
+    DENSITY = "density"
+    RANDOM = "random"
+
+
+class Precision(str, enum.Enum):
+    """Per-layer precision in a mixed-precision plan."""
+
+    INT4 = "int4"
+    INT8 = "int8"
+    FLOAT = "float"
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def parse_enum(enum_type: type[E], value: Any, option: str) -> E:
+    """Turn a user value into ``enum_type``, with an error naming the option."""
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(str(value).lower())
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in enum_type)
+        raise ValidationError(f"option {option}: {value!r} is not one of: {choices}") from None
+
+
+def _number(value: Any, option: str, lo: float, hi: float, *, lo_open: bool = False,
+            hi_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValidationError(f"option {option}: {value!r} must be a number in {left}{lo}, {hi}{right}")
+    return float(value)
+
+
+def _integer(value: Any, option: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or \
+            (hi is not None and value > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise ValidationError(f"option {option}: {value!r} must be an integer {bound}")
+    return int(value)
+
+
+_REGISTRY: dict[str, type[StageConfig]] = {}
+C = TypeVar("C", bound="StageConfig")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Base of every technique's config: ``kind`` names it in dicts and recipes."""
+
+    kind: ClassVar[str] = ""
+    trains: ClassVar[bool] = False  # may fine-tune (needs all training data, labels)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _REGISTRY[cls.kind] = cls
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"kind"})
+        if unknown:
+            raise ValidationError(f"unknown {cls.kind} option(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k != "kind"})
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> StageConfig:
+    """The config a dict describes (``kind`` picks the type)."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in _REGISTRY:
+        raise ValidationError(f"unknown stage kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[kind].from_dict(data)
+
+
+@dataclass(frozen=True)
+class _Training:
+    """Fine-tuning options shared by the weight stages (0 epochs: post-training)."""
+
+    epochs: int = 0
+    lr: float = 1e-3
+    batch_size: int = 32
+    seed: int = 0
+
+    def _check_training(self) -> None:
+        _integer(self.epochs, "epochs", 0)
+        _number(self.lr, "lr", 0.0, 10.0, lo_open=True)
+        _integer(self.batch_size, "batch_size", 1)
+
+
+@dataclass(frozen=True)
+class Int8Config(StageConfig):
+    """INT8 post-training quantization (static QDQ and/or dynamic)."""
+
+    kind: ClassVar[str] = "quantize-int8"
+    mode: QuantMode = QuantMode.AUTO
+    calibration: CalibrationMethod = CalibrationMethod.AUTO
+    percentile: float = 99.99
+    weight_granularity: WeightGranularity = WeightGranularity.AUTO
+    # keep the most sensitive layers in float until the output cosine vs float (on
+    # calibration samples) reaches min_cosine, or the accuracy drop is <= max_drop points
+    min_cosine: float | None = None
+    max_drop: float | None = None
+    smoothquant: bool = True  # with a quality target: SmoothQuant before layer fallback
+    # 7-bit weights (no u8s8 saturation); None: on when this CPU has no VNNI
+    reduce_range: bool | None = None
+    strict: bool = False
+    batch_size: int = 32
+    max_calibration_samples: int = 256
+    exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._set("mode", parse_enum(QuantMode, self.mode, "mode"))
+        self._set("calibration", parse_enum(CalibrationMethod, self.calibration, "calibration"))
+        self._set("weight_granularity", parse_enum(WeightGranularity, self.weight_granularity,
+                                                   "weight_granularity"))
+        self._set("exclude_nodes", tuple(self.exclude_nodes))
+        if self.min_cosine is not None and self.max_drop is not None:
+            raise ValidationError("options min_cosine and max_drop: give one quality target")
+        if self.min_cosine is not None:
+            _number(self.min_cosine, "min_cosine", 0.0, 1.0, lo_open=True)
+        if self.max_drop is not None:
+            _number(self.max_drop, "max_drop", 0.0, 100.0)
+        _number(self.percentile, "percentile", 50.0, 100.0, lo_open=True, hi_open=True)
+        _integer(self.batch_size, "batch_size", 1)
+        _integer(self.max_calibration_samples, "max_calibration_samples", 1)
+
+    @property
+    def has_quality_target(self) -> bool:
+        return self.min_cosine is not None or self.max_drop is not None
+
+
+GROUP_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig(StageConfig):
+    """2-8 bit group-wise MatMul/Gemm weights (MatMulNBits) and embedding tables.
+
+    ``symmetric`` None means the algorithm's own default: symmetric for rtn and gptq,
+    asymmetric for hqq (which fits zero points and cannot be symmetric)."""
+
+    kind: ClassVar[str] = "quantize-weight-only"
+    bits: int = 4
+    group_size: int = 128
+    algorithm: WeightOnlyAlgorithm = WeightOnlyAlgorithm.RTN
+    symmetric: bool | None = None
+    accuracy_level: int = 4  # MatMulNBits: 0 float math; 4 int8 activations (fast on VNNI)
+    embeddings: bool = True  # also quantize Gather tables (GatherBlockQuantized)
+    exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+    batch_size: int = 8
+    max_calibration_samples: int = 256
+
+    def __post_init__(self) -> None:
+        _integer(self.bits, "bits", 2, 8)
+        if self.group_size not in GROUP_SIZES:
+            raise ValidationError(f"option group_size: {self.group_size} must be one of "
+                                  f"{', '.join(map(str, GROUP_SIZES))}")
+        self._set("algorithm", parse_enum(WeightOnlyAlgorithm, self.algorithm, "algorithm"))
+        if self.algorithm is WeightOnlyAlgorithm.HQQ and self.symmetric:
+            raise ValidationError("option symmetric: hqq fits a zero point per group and is "
+                                  "always asymmetric; drop the option or pick rtn/gptq")
+        if self.symmetric is None:
+            self._set("symmetric", self.algorithm is not WeightOnlyAlgorithm.HQQ)
+        _integer(self.accuracy_level, "accuracy_level", 0, 4)
+        self._set("exclude_nodes", tuple(self.exclude_nodes))
+        _integer(self.batch_size, "batch_size", 1)
+        _integer(self.max_calibration_samples, "max_calibration_samples", 1)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig(StageConfig):
+    """Per-layer INT4 / INT8 / float for MatMul/Gemm layers (from ``lowbit sensitivity``)."""
+
+    kind: ClassVar[str] = "quantize-mixed"
+    layers: tuple[tuple[str, Precision], ...] = ()
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        items = self.layers.items() if isinstance(self.layers, dict) else self.layers
+        try:
+            pairs = tuple((str(k), parse_enum(Precision, v, f"layers[{k}]")) for k, v in items)
+        except (TypeError, ValueError):
+            raise ValidationError("option layers: expected a mapping of layer name to "
+                                  "int4 | int8 | float") from None
+        self._set("layers", pairs)
+        if self.group_size not in GROUP_SIZES:
+            raise ValidationError(f"option group_size: {self.group_size} must be one of "
+                                  f"{', '.join(map(str, GROUP_SIZES))}")
+
+    @property
+    def precision(self) -> dict[str, Precision]:
+        return dict(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "layers": {k: v.value for k, v in self.layers},
+                "group_size": self.group_size}
+
+
+@dataclass(frozen=True)
+class PruneConfig(_Training, StageConfig):
+    """Unstructured magnitude pruning (gradual with epochs) or N:M semi-structured.
+
+    ``layers``: node names of the Conv/Gemm/MatMul layers to prune (default all)."""
+
+    kind: ClassVar[str] = "prune"
+    trains: ClassVar[bool] = True
+    sparsity: float = 0.5
+    scope: PruneScope = PruneScope.LAYER
+    nm: tuple[int, int] | None = None
+    layers: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
+        self._set("scope", parse_enum(PruneScope, self.scope, "scope"))
+        if self.nm is not None:
+            n, m = (tuple(self.nm) + (0, 0))[:2]
+            if len(tuple(self.nm)) != 2 or not all(isinstance(v, int) for v in (n, m)) \
+                    or not 1 <= n < m:
+                raise ValidationError(f"option nm (n:m): need integers 1 <= n < m, got {self.nm}")
+            self._set("nm", (int(n), int(m)))
+        self._set("layers", tuple(self.layers))
+        self._check_training()
+
+    @property
+    def effective_sparsity(self) -> float:
+        """The fraction of weights removed (N:M fixes it at 1 - N/M)."""
+        return 1.0 - self.nm[0] / self.nm[1] if self.nm else float(self.sparsity)
+
+
+@dataclass(frozen=True)
+class StructuredPruneConfig(_Training, StageConfig):
+    """Structured channel removal that physically shrinks Conv/Gemm/MatMul layers."""
+
+    kind: ClassVar[str] = "prune-structured"
+    trains: ClassVar[bool] = True
+    sparsity: float = 0.5  # fraction of each layer's output channels removed
+    importance: ChannelImportance = ChannelImportance.L1
+    min_channels: int = 1
+    layers: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
+        self._set("importance", parse_enum(ChannelImportance, self.importance, "importance"))
+        _integer(self.min_channels, "min_channels", 1)
+        self._set("layers", tuple(self.layers))
+        self._check_training()
+
+
+@dataclass(frozen=True)
+class ClusterConfig(_Training, StageConfig):
+    """k-means weight sharing: at most 2**bits shared values per layer; zeros stay zero."""
+
+    kind: ClassVar[str] = "cluster"
+    trains: ClassVar[bool] = True
+    bits: int = 5
+    init: ClusterInit = ClusterInit.LINEAR
+    biases: bool = True  # cluster each layer's bias too (own codebook)
+    layers: tuple[str, ...] = field(default_factory=tuple)
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _integer(self.bits, "bits", 1, 8)
+        self._set("init", parse_enum(ClusterInit, self.init, "init"))
+        self._set("layers", tuple(self.layers))
+        self._check_training()

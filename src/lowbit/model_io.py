@@ -1,0 +1,98 @@
+"""Read any model lowbit accepts: an ONNX file, a ``.lbz`` file, an ``onnx.ModelProto``
+or a ``torch.nn.Module`` (exported with a sample of the data), normalised once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lowbit.errors import DataError, ModelLoadError, ValidationError
+from lowbit.onnx.load import load_model, normalise, read_model
+from lowbit.onnx.store import FloatModel
+
+
+def is_lbz(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a file that starts with the .lbz magic (content, not name)."""
+    from lowbit.container.format import MAGIC
+
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(len(MAGIC)) == MAGIC
+
+
+def decode_lbz(data: bytes, source: str) -> onnx.ModelProto:
+    """Decode .lbz bytes and run the ONNX checker on the result."""
+    from lowbit.container import decode
+
+    model = decode(data, source=source)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelLoadError(f"{source}: the decoded model fails the ONNX checker: {exc}") from None
+    return model
+
+
+def read_any(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX file or a lowbit .lbz file (told apart by content, not name)."""
+    if is_lbz(path):
+        return decode_lbz(Path(path).read_bytes(), str(path))
+    return read_model(path)
+
+
+def is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # never import torch (hundreds of MB) just to check
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def first_batch(data: Any) -> Any:
+    """A small sample of ``data`` (any accepted form) to export a torch module with."""
+    if isinstance(data, tuple) and len(data) == 2:
+        return data[0]
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if k not in ("y", "labels", "label")}
+    if isinstance(data, (str, os.PathLike)):
+        from lowbit.data import load_npz
+
+        arrays = load_npz(data, limit=2)  # export needs one small batch only
+        return arrays.get("x", next(iter(arrays.values())))
+    if isinstance(data, np.ndarray) or hasattr(data, "detach"):
+        return data
+    for batch in data:
+        return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+    raise DataError("data is empty")
+
+
+def resolve_model(model: Any, data: Any, *, fold_bn: bool = True
+                  ) -> tuple[FloatModel, str, int | None]:
+    """(normalised float ONNX model, display name, size on disk if a file)."""
+    if is_torch_module(model):
+        from lowbit.torch.export import export_module
+
+        if data is None:
+            raise ValidationError("a torch module needs data (a sample input) to be exported")
+        sample = first_batch(data)
+        if isinstance(sample, dict):
+            names = list(sample)
+            proto = export_module(model, tuple(np.asarray(sample[k])[:2] for k in names),
+                                  input_names=names)
+        else:
+            arr = sample.detach().cpu().numpy() if hasattr(sample, "detach") else np.asarray(sample)
+            proto = export_module(model, arr[:2])
+        normalised, _ = load_model(proto, fold_bn=fold_bn)
+        return normalised, type(model).__name__, len(proto.SerializeToString())
+    if isinstance(model, onnx.ModelProto):
+        normalised, name = load_model(model, fold_bn=fold_bn)
+        return normalised, name, len(model.SerializeToString())
+    if isinstance(model, (str, os.PathLike)):
+        normalised = normalise(read_any(model), name=str(model), fold_bn=fold_bn)
+        return normalised, str(model), Path(model).stat().st_size
+    raise ValidationError(
+        f"model must be an ONNX file path, an onnx.ModelProto or a torch.nn.Module, "
+        f"not {type(model).__name__}")

@@ -1,0 +1,182 @@
+"""Run techniques as stages over ONE in-memory model.
+
+A run loads and normalises the model once, splits the data once, applies each
+stage in order in memory, writes the quantization plan (if any) once, verifies
+and times the result once against the original, and encodes a ``.lbz`` at most
+once. Every CLI verb and API function is a thin front-end over ``run``::
+
+    >>> from lowbit.config import PruneConfig, ClusterConfig
+    >>> result = run("lenet.onnx", [PruneConfig(sparsity=0.9, epochs=5),
+    ...                             ClusterConfig(bits=5, epochs=1)], data="train.npz")  # doctest: +SKIP
+    >>> result.save("lenet.lbz")                                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+import lowbit.stages  # noqa: F401  (registers every stage)
+from lowbit.config import (
+    ChannelImportance,
+    Int8Config,
+    MixedPrecisionConfig,
+    StageConfig,
+    StructuredPruneConfig,
+    WeightOnlyConfig,
+)
+from lowbit.data import Dataset, as_dataset, split_holdout
+from lowbit.errors import ValidationError
+from lowbit.fileio import write_bytes_atomic, write_json_atomic
+from lowbit.model_io import resolve_model
+from lowbit.onnx.checks import check_token_ids
+from lowbit.onnx.session import input_specs_of_model, make_session
+from lowbit.onnx.store import FloatModel
+from lowbit.onnx.writer import write_model
+from lowbit.report.build import build_report, weight_section
+from lowbit.report.verify import verify as verify_model
+from lowbit.stages.base import ProgressFn, RunContext, handler_for
+
+QUANTIZE_CONFIGS = (Int8Config, WeightOnlyConfig, MixedPrecisionConfig)
+HOLDOUT_FRACTION = 0.2
+
+
+class CompressedModel:
+    """The result of a run: the model, its report, and ``save`` (``.lbz`` or ``.onnx``
+    by suffix, plus ``report.json`` beside it).
+
+    ``fm`` is the float model after the weight stages (before any quantization)."""
+
+    def __init__(self, model: onnx.ModelProto, report: dict[str, Any], *, fm: FloatModel,
+                 original: FloatModel, lbz: bytes | None = None) -> None:
+        self.model = model
+        self.report = report
+        self.fm = fm
+        self._original = original
+        self._lbz = lbz  # the .lbz encoding, if the run already made it
+
+    @property
+    def float_model(self) -> onnx.ModelProto:
+        """The normalised input model (self-contained ONNX)."""
+        return self._original.joined()
+
+    def save(self, path: str | os.PathLike[str], *, report: bool = True) -> Path:
+        """Write the model atomically: ``.lbz`` compressed, anything else ONNX."""
+        out = Path(path)
+        if out.suffix == ".lbz":
+            if self._lbz is None:
+                from lowbit.container import encode
+
+                self._lbz = encode(self.model)
+            data = self._lbz
+        else:
+            data = self.model.SerializeToString()
+        write_bytes_atomic(out, data)
+        size = out.stat().st_size
+        self.report["output"] = {"path": str(out), "size_bytes": size,
+                                 "format": "lbz" if out.suffix == ".lbz" else "onnx"}
+        base = self.report.get("input", {}).get("size_bytes")
+        if base:
+            self.report["output"]["size_ratio"] = round(base / max(1, size), 3)
+        if report:
+            write_json_atomic(out.parent / "report.json", self.report)
+        return out
+
+    def run(self, inputs: dict[str, np.ndarray] | np.ndarray, *, threads: int = 1) -> list[Any]:
+        """Run the model in ONNX Runtime on one batch of inputs."""
+        session = make_session(self.model, threads=threads)
+        if not isinstance(inputs, dict):
+            inputs = {session.get_inputs()[0].name: np.asarray(inputs)}
+        return list(session.run(None, inputs))
+
+
+def check_stages(stages: Sequence[StageConfig]) -> None:
+    """Refuse a stage list that cannot run, before any work starts."""
+    if not stages:
+        raise ValidationError("a run needs at least one stage")
+    for config in stages:
+        if not isinstance(config, StageConfig):
+            raise ValidationError(f"a stage must be a config such as PruneConfig, not "
+                                  f"{type(config).__name__}")
+        handler_for(config)
+    quant = [i for i, c in enumerate(stages) if isinstance(c, QUANTIZE_CONFIGS)]
+    if len(quant) > 1 or (quant and quant[0] != len(stages) - 1):
+        raise ValidationError("a run quantizes at most once, as its last stage")
+
+
+def _datasets(fm: FloatModel, data: Any, eval_data: Any, stages: Sequence[StageConfig]
+              ) -> tuple[Dataset | None, Dataset | None, bool]:
+    """(training/calibration part, verification part, whether they are separate)."""
+    specs = input_specs_of_model(fm.proto)
+    trains = any(c.trains for c in stages)
+    # without training, only the samples calibration uses (and the held-back part) are read
+    cap = max((getattr(c, "max_calibration_samples", 0) for c in stages), default=0)
+    limit = None if trains or not cap else cap * 2 + 1024
+    dataset = as_dataset(data, specs, limit=limit) if data is not None else None
+    if dataset is not None:
+        check_token_ids(fm, dataset)
+    if eval_data is not None:
+        return dataset, as_dataset(eval_data, specs), True
+    if dataset is None:
+        return None, None, False
+    return split_holdout(dataset, HOLDOUT_FRACTION)
+
+
+def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_data: Any = None,
+        threads: int = 1, batch: int = 8, verify: bool = True, progress: ProgressFn | None = None,
+        tool: str = "lowbit run") -> CompressedModel:
+    """Apply ``stages`` in order to ``model`` (ONNX path/proto, .lbz, or torch module).
+
+    ``data`` calibrates and fine-tunes; ``eval_data`` verifies (default: the last 20%
+    of ``data``, held back from both)."""
+    check_stages(stages)
+    for option, value in (("threads", threads), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValidationError(f"option {option}: {value!r} must be an integer >= 1")
+    t0 = time.perf_counter()
+    keep_bn = any(isinstance(c, StructuredPruneConfig) and c.importance is ChannelImportance.BN
+                  for c in stages)
+    fm, name, in_size = resolve_model(model, data if data is not None else eval_data,
+                                      fold_bn=not keep_bn)
+    train, holdout, separate = _datasets(fm, data, eval_data, stages)
+    ctx = RunContext(fm=fm, original=fm, train=train, threads=threads, batch=batch,
+                     progress=progress)
+    done: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for config in stages:
+        t = time.perf_counter()
+        settings = handler_for(config)(config, ctx)
+        ctx.seconds[config.kind] = time.perf_counter() - t
+        done.append((config.to_dict(), settings))
+    if ctx.plan is not None:
+        output = ctx.written if ctx.written is not None else write_model(ctx.fm, ctx.plan)
+    else:
+        output = ctx.fm.joined()
+    lbz, sections = None, dict(ctx.sections)
+    if any(not isinstance(c, QUANTIZE_CONFIGS) for c in stages):
+        from lowbit.container import encode
+
+        lbz = encode(output)
+        sections.update(weight_section(ctx.original.joined().ByteSize(),
+                                       output.ByteSize(), len(lbz), ctx.fm))
+    verification = None
+    if verify:
+        if progress is not None:
+            progress("verifying", 0, 1)
+        verification = verify_model(ctx.original, output, holdout, threads=threads, batch=batch)
+        if holdout is not None and not separate:
+            verification["agreement"]["note"] = ("only one sample was given: verification "
+                                                 "reuses the calibration data")
+        if progress is not None:
+            progress("verifying", 1, 1)
+    ctx.seconds["total"] = time.perf_counter() - t0
+    report = build_report(tool=tool, name=name, input_size=in_size, stages=done,
+                          sections=sections, plan=ctx.plan, notes=ctx.notes,
+                          warnings=ctx.warnings, skipped=ctx.skipped, verification=verification,
+                          seconds=ctx.seconds)
+    return CompressedModel(output, report, fm=ctx.fm, original=ctx.original, lbz=lbz)

@@ -1,0 +1,107 @@
+"""What a stage sees (``RunContext``: the one in-memory model and the run's data) and
+the registry that maps each config type to the stage that applies it.
+
+A new technique is a config (``lowbit.config``) plus one function here::
+
+    @register(MyConfig)
+    def my_stage(config: MyConfig, ctx: RunContext) -> dict:
+        ctx.fm = transform(ctx.fm)          # float weights/graph, in memory
+        return {"setting": 1}               # this stage's part of the report
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import onnx
+
+from lowbit.config import StageConfig
+from lowbit.data import Dataset
+from lowbit.errors import ValidationError
+from lowbit.onnx.store import FloatModel
+from lowbit.quant.plan import QuantizationPlan
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class RunContext:
+    """The state a run threads through its stages.
+
+    ``fm`` is the current float model: weight stages (prune, cluster) replace it;
+    a quantization stage leaves it and fills ``plan`` (and ``written``, the plan
+    rendered, when it had to write it anyway to verify a decision)."""
+
+    fm: FloatModel
+    original: FloatModel  # the normalised input, the reference of the verification
+    train: Dataset | None  # calibration / fine-tuning data (held-back part excluded)
+    threads: int = 1
+    batch: int = 8
+    progress: ProgressFn | None = None
+    plan: QuantizationPlan | None = None
+    written: onnx.ModelProto | None = None
+    sections: dict[str, Any] = field(default_factory=dict)  # report parts by key
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    _trainable: str | None = None  # "" if the bridge runs this graph, else why not
+
+    def require_train(self, what: str) -> Dataset:
+        if self.train is None:
+            raise ValidationError(f"{what} needs data (--data)")
+        return self.train
+
+    def fine_tune_possible(self, epochs: int) -> bool:
+        """True if ``epochs`` > 0 and the data and graph allow fine-tuning; else the
+        reason goes into the notes once and the stage stays post-training."""
+        if epochs <= 0:
+            return False
+        if self.train is None or self.train.labels is None:
+            note = "no labels ('y') in the data: post-training only, no fine-tuning"
+            if note not in self.notes:
+                self.notes.append(note)
+            return False
+        if self._trainable is None:
+            from lowbit.errors import UnsupportedOpError
+            from lowbit.torch.from_onnx import check_trainable
+
+            try:
+                check_trainable(self.fm)
+                self._trainable = ""
+            except UnsupportedOpError as exc:
+                self._trainable = f"post-training only: {exc}"
+        if self._trainable:
+            if self._trainable not in self.notes:
+                self.notes.append(self._trainable)
+            return False
+        return True
+
+    def epoch_progress(self, stage: str) -> Callable[[int, int, float], None] | None:
+        progress = self.progress
+        if progress is None:
+            return None
+        return lambda done, total, loss: progress(f"{stage} (loss {loss:.3f})", done, total)
+
+
+StageFn = Callable[[Any, RunContext], dict[str, Any]]
+_HANDLERS: dict[type[StageConfig], StageFn] = {}
+C = TypeVar("C", bound=StageConfig)
+
+
+def register(config_type: type[C]) -> Callable[[Callable[[C, RunContext], dict[str, Any]]],
+                                               Callable[[C, RunContext], dict[str, Any]]]:
+    """Register the stage that applies ``config_type``."""
+    def wrap(fn: Callable[[C, RunContext], dict[str, Any]]) -> Callable[[C, RunContext], dict[str, Any]]:
+        _HANDLERS[config_type] = fn
+        return fn
+    return wrap
+
+
+def handler_for(config: StageConfig) -> StageFn:
+    fn = _HANDLERS.get(type(config))
+    if fn is None:
+        raise ValidationError(f"no stage is registered for {type(config).__name__}")
+    return fn

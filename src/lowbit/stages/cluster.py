@@ -1,0 +1,41 @@
+"""Weight-sharing stage: per-layer k-means, centroids fine-tuned when data allows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lowbit.clustering.kmeans import Clustering, kmeans_1d
+from lowbit.config import ClusterConfig
+from lowbit.stages.base import RunContext, register
+from lowbit.stages.prune import selected_layers
+from lowbit.torch.finetune import FinetuneSpec, finetune, with_weights
+
+
+@register(ClusterConfig)
+def cluster_stage(config: ClusterConfig, ctx: RunContext) -> dict[str, Any]:
+    fm = ctx.fm
+    items = selected_layers(fm, config.layers)
+    targets = [w.weight for w in items]
+    if config.biases and not config.layers:
+        targets += [w.bias for w in items if w.bias and w.bias not in targets]
+    clusters: dict[str, Clustering] = {}
+    for name in targets:
+        w = np.asarray(fm.constant(name))
+        if np.count_nonzero(w) == 0:
+            ctx.skipped[name] = "all weights are zero"
+            continue
+        clusters[name] = kmeans_1d(w, config.bits, init=config.init.value, seed=config.seed)
+    tune = ctx.fine_tune_possible(config.epochs)
+    if tune:
+        spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
+                            batch_size=config.batch_size,
+                            shared={n: (c.codebook, c.indices) for n, c in clusters.items()})
+        values = finetune(fm, ctx.require_train("fine-tuning"), spec,
+                          ctx.epoch_progress("fine-tuning centroids"))
+    else:
+        values = {n: c.weights() for n, c in clusters.items()}
+    ctx.fm = with_weights(fm, values)
+    return {"bits": config.bits, "init": config.init.value, "biases": config.biases,
+            "epochs": config.epochs if tune else 0}

@@ -1,0 +1,111 @@
+"""INT8 quantization stage, with the quality-target search (SmoothQuant, then the
+fewest layers back to float)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from lowbit.config import Int8Config
+from lowbit.data import Dataset
+from lowbit.errors import DataError
+from lowbit.metrics import accuracy
+from lowbit.onnx.quantize import Int8Outcome, quantize_int8
+from lowbit.onnx.scoring import accuracy_points, output_cosine, reference_outputs
+from lowbit.quant.plan import Treatment
+from lowbit.quant.search import SearchResult, meet_quality_target
+from lowbit.stages.base import RunContext, register
+
+SMOOTHQUANT_ALPHAS = (0.5, 0.7, 0.85)
+
+
+@register(Int8Config)
+def int8_stage(config: Int8Config, ctx: RunContext) -> dict[str, Any]:
+    calib = ctx.require_train("quantization").take(0, config.max_calibration_samples)
+    outcome = quantize_int8(ctx.fm, calib, config, progress=ctx.progress, threads=ctx.threads)
+    if config.has_quality_target:
+        outcome = _meet_target(ctx, calib, config, outcome)
+    ctx.plan, ctx.written = outcome.plan, outcome.model
+    ctx.warnings.extend(outcome.warnings)
+    ctx.seconds.update({k: round(v, 3) for k, v in outcome.seconds.items()})
+    ctx.sections["mode_by_op"] = outcome.plan.metadata.get("treatments", {})
+    ctx.sections["calibration"] = {
+        "method": outcome.method.value if outcome.method else None,
+        "requested": config.calibration.value,
+        "sqnr_db_by_method": outcome.method_sqnr_db,
+        "samples": outcome.calibration_samples,
+        "source": calib.source,
+    }
+    return {"mode": config.mode.value}
+
+
+def _scorer(ctx: RunContext, calib: Dataset, config: Int8Config
+            ) -> tuple[Callable[[Int8Outcome], float], float, str]:
+    """(score of a candidate, target, metric name): higher scores are better."""
+    selection = calib.take(0, 256 if config.max_drop is not None else 64)
+    if config.max_drop is not None:
+        if selection.labels is None:
+            raise DataError(f"{calib.source}: option max_drop needs labels ('y') in the data")
+        base = accuracy(reference_outputs(ctx.fm, selection, threads=ctx.threads)[0],
+                        selection.labels)
+        if base is None:
+            raise DataError("option max_drop needs a classifier output (batch, classes)")
+
+        def drop(candidate: Int8Outcome) -> float:  # minus the drop in points
+            return -(100.0 * float(base) - float(accuracy_points(candidate.model, selection) or 0.0))
+
+        return drop, -float(config.max_drop), "minus_accuracy_drop"
+    reference = reference_outputs(ctx.fm, selection, threads=ctx.threads)
+    return (lambda c: output_cosine(c.model, selection, reference)), float(config.min_cosine or 0), \
+        "cosine"
+
+
+def _meet_target(ctx: RunContext, calib: Dataset, config: Int8Config,
+                 first: Int8Outcome) -> Int8Outcome:
+    score, target, metric = _scorer(ctx, calib, config)
+    base, smoothed_inputs, alpha_used = ctx.fm, 0, None
+    first_score = score(first)
+    if config.smoothquant and first.plan.nodes_with(Treatment.DYNAMIC) and first_score < target:
+        # SmoothQuant first: it keeps every layer INT8 (full speed) when it suffices
+        from lowbit.onnx.smoothquant import smooth
+
+        for alpha in SMOOTHQUANT_ALPHAS:  # migration strength; the best on calibration wins
+            smoothed, n_inputs = smooth(ctx.fm, calib, alpha=alpha, threads=ctx.threads)
+            if not n_inputs:
+                break
+            candidate = quantize_int8(smoothed, calib, config, threads=ctx.threads)
+            value = score(candidate)
+            if value > first_score:
+                base, first, first_score, smoothed_inputs, alpha_used = (
+                    smoothed, candidate, value, n_inputs, alpha)
+            if first_score >= target:
+                break
+    chosen = first.method or config.calibration
+
+    def build(excluded: tuple[str, ...]) -> Int8Outcome:
+        cfg = config.replace(exclude_nodes=tuple(config.exclude_nodes) + excluded,
+                             calibration=chosen)
+        return quantize_int8(base, calib, cfg, threads=ctx.threads)
+
+    result: SearchResult[Int8Outcome] = meet_quality_target(
+        build, first, first.plan.quantized_layers(), score, target, metric=metric,
+        progress=ctx.progress)
+    _report_search(ctx, config, result, smoothed_inputs if base is not ctx.fm else 0, alpha_used,
+                   metric)
+    if base is not ctx.fm:
+        ctx.fm = base  # the smoothed float model is what the plan quantizes
+    return result.candidate
+
+
+def _report_search(ctx: RunContext, config: Int8Config, result: SearchResult[Any],
+                   smoothed_inputs: int, alpha: float | None, metric: str) -> None:
+    key = "cosine_on_calibration_samples" if metric == "cosine" else \
+        "minus_accuracy_drop_on_calibration_samples"
+    ctx.sections["quality_target"] = {
+        "min_cosine": config.min_cosine, "max_drop": config.max_drop, "met": result.met,
+        key: round(result.score, 6), "kept_in_float": result.kept_float,
+        "sensitivity": result.sensitivity, "smoothquant_inputs": smoothed_inputs,
+        "smoothquant_alpha": alpha}
+    if not result.met:
+        ctx.warnings.append(f"quality target (min_cosine {config.min_cosine}, max_drop "
+                            f"{config.max_drop}) not reached; best score {result.score:.5f}")

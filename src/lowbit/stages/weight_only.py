@@ -1,0 +1,25 @@
+"""Weight-only low-bit quantization stage (MatMulNBits, GatherBlockQuantized)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowbit.config import WeightOnlyAlgorithm, WeightOnlyConfig
+from lowbit.onnx.weight_only import plan_weight_only
+from lowbit.stages.base import RunContext, register
+
+
+@register(WeightOnlyConfig)
+def weight_only_stage(config: WeightOnlyConfig, ctx: RunContext) -> dict[str, Any]:
+    calib = ctx.train.take(0, config.max_calibration_samples) if ctx.train is not None else None
+    plan = plan_weight_only(ctx.fm, config, calib, threads=ctx.threads, progress=ctx.progress)
+    ctx.plan = plan
+    gptq = config.algorithm is WeightOnlyAlgorithm.GPTQ
+    ctx.sections["weight_only"] = {
+        "bits": config.bits, "group_size": config.group_size, "algorithm": config.algorithm.value,
+        "symmetric": config.symmetric, "accuracy_level": config.accuracy_level,
+        "relative_weight_error_by_layer": plan.layer_error}
+    ctx.sections["calibration"] = {
+        "method": None, "samples": calib.num_samples if gptq and calib is not None else 0,
+        "source": calib.source if calib is not None else None}
+    return {"bits": config.bits, "algorithm": config.algorithm.value}

@@ -1,0 +1,150 @@
+"""The pipeline: stages over one in-memory model, loaded once, written once, encoded at
+most once, verified once; stage lists checked before any work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import lowbit
+from lowbit import models, pipeline
+from lowbit.config import (
+    ClusterConfig,
+    Int8Config,
+    PruneConfig,
+    StageConfig,
+    StructuredPruneConfig,
+    WeightOnlyConfig,
+)
+from lowbit.data import digits_split
+from lowbit.errors import ValidationError
+from lowbit.onnx.weights import weight_initializers
+from lowbit.torch.export import export_module
+from lowbit.torch.train import train_classifier
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    x_tr, y_tr, x_te, y_te = digits_split()
+    flat = x_tr.reshape(len(x_tr), -1)[:400]
+    module = train_classifier(models.lenet_300_100(64), flat, y_tr[:400], epochs=2, seed=0)
+    return export_module(module, flat[:2]), (flat, y_tr[:400]), \
+        (x_te.reshape(len(x_te), -1)[:120], y_te[:120])
+
+
+class Counts:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: dict[str, int] = {}
+        self._mp = monkeypatch
+
+    def wrap(self, module: object, name: str) -> None:
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        self._mp.setattr(module, name, counted)
+
+
+@pytest.fixture
+def counts(monkeypatch):
+    import lowbit.container as container
+    import lowbit.model_io as model_io
+    import lowbit.report.verify as verify_mod
+
+    c = Counts(monkeypatch)
+    c.wrap(model_io, "normalise")
+    c.wrap(model_io, "load_model")
+    c.wrap(container, "encode")
+    c.wrap(pipeline, "verify_model")
+    c.wrap(verify_mod, "measure_side_by_side")
+    return c
+
+
+def test_compress_loads_encodes_and_verifies_once(lenet, counts, tmp_path):
+    proto, train, test = lenet
+    path = tmp_path / "lenet.onnx"
+    onnx.save(proto, path)
+    cm = lowbit.compress(str(path), train, eval_data=test, sparsity=0.8, bits=4, epochs=1,
+                         cluster_epochs=1)
+    out = cm.save(tmp_path / "lenet.lbz")
+    assert counts.calls == {"normalise": 1, "encode": 1, "verify_model": 1,
+                            "measure_side_by_side": 1}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sizes"]["lbz_bytes"] == out.stat().st_size  # the one encoding is the file
+    assert [s["kind"] for s in report["stages"]] == ["prune", "cluster"]
+    assert set(report["settings"]) == {"prune", "cluster"}
+
+
+def test_a_chain_of_every_weight_stage_then_int8_runs_in_one_pass(lenet, counts):
+    proto, train, test = lenet
+    result = lowbit.run(proto, [StructuredPruneConfig(sparsity=0.25), PruneConfig(sparsity=0.5),
+                                ClusterConfig(bits=4), Int8Config(mode="static")],
+                        data=train, eval_data=test)
+    assert counts.calls.get("load_model") == 1 and counts.calls.get("verify_model") == 1
+    assert counts.calls.get("encode") == 1
+    report = result.report
+    assert report["nodes"]["counts"]["int8-static"] == 3
+    assert report["verification"]["checker"] == "passed"
+    assert report["weight_sparsity"] >= 0.5
+    # the quantized model holds the clustered, pruned weights: at most 16 distinct values
+    for name in weight_initializers(result.fm):
+        w = np.asarray(result.fm.constant(name))
+        assert np.unique(w[w != 0]).size <= 16
+    agreement = report["verification"]["agreement"]
+    assert agreement["accuracy"]["compressed"] > 0.5
+
+
+def test_quantize_writes_the_plan_once(lenet, monkeypatch):
+    import lowbit.onnx.quantize as q
+
+    proto, train, test = lenet
+    writes = []
+    original = q.write_model
+    monkeypatch.setattr(q, "write_model", lambda *a: writes.append(1) or original(*a))
+    monkeypatch.setattr(pipeline, "write_model", lambda *a: writes.append("again") or original(*a))
+    qm = lowbit.quantize(proto, train[0], mode="static", calibration="minmax", verify=False)
+    assert writes == [1]  # the stage wrote the chosen plan; the run did not write it again
+    assert qm.report["calibration"]["method"] == "minmax"
+
+
+@pytest.mark.parametrize("stages", [
+    [],
+    [Int8Config(), PruneConfig(sparsity=0.5)],  # quantization must come last
+    [Int8Config(), WeightOnlyConfig()],  # and only once
+    ["prune"],
+])
+def test_bad_stage_lists_are_refused_before_any_work(lenet, counts, stages):
+    with pytest.raises(ValidationError):
+        lowbit.run(lenet[0], stages, data=lenet[1])
+    assert counts.calls == {}
+
+
+def test_an_unregistered_config_type_is_refused(lenet):
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Unknown(StageConfig):
+        pass
+
+    with pytest.raises(ValidationError, match="Unknown"):
+        lowbit.run(lenet[0], [Unknown()], data=lenet[1])
+
+
+def test_api_quantize_refuses_config_and_options_together(lenet):
+    with pytest.raises(ValidationError, match="either config or"):
+        lowbit.quantize(lenet[0], lenet[1][0], mode="static", config=Int8Config())
+
+
+def test_the_same_run_twice_gives_byte_identical_files(lenet, tmp_path):
+    proto, train, _ = lenet
+    stages = [PruneConfig(sparsity=0.7, epochs=1), ClusterConfig(bits=3)]
+    a = lowbit.run(proto, stages, data=train, verify=False).save(tmp_path / "a.lbz", report=False)
+    b = lowbit.run(proto, stages, data=train, verify=False).save(tmp_path / "b.lbz", report=False)
+    assert a.read_bytes() == b.read_bytes()
