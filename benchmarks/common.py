@@ -20,15 +20,15 @@ def digits_upsampled(side: int = 32, channels: int = 3, seed: int = 0):
 
 
 def train(module, x, y, epochs: int, lr: float = 1e-3, batch_size: int = 32, seed: int = 0):
-    from lowbit.torch.train import train_classifier
+    from lowbit.backends.torch.train import train_classifier
 
     return train_classifier(module, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def time_side_by_side(paths_or_models, feed, *, batch: int, threads: int = 1,
                       iterations: int = 200):
+    from lowbit.backends.onnx.session import make_session
     from lowbit.runtime.latency import measure_side_by_side
-    from lowbit.onnx.session import make_session
 
     sessions = [make_session(m, threads=threads) for m in paths_or_models]
     return measure_side_by_side(sessions, [feed] * len(sessions), batch=batch, threads=threads,

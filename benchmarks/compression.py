@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from common import digits_upsampled, time_side_by_side, train  # noqa: I001
+from lowbit.workflow import compress, prune
 
 import lowbit
+from lowbit.backends.torch.export import export_module
 from lowbit.data import digits_split
-from lowbit.torch.export import export_module
-from lowbit.workflow import compress, prune
 
 
 def digits_resized(side: int):
@@ -128,8 +128,9 @@ def bench_structured(tmp: Path) -> list[dict]:
 
 
 def bench_big_prune_cluster(tmp: Path) -> list[dict]:
-    from lowbit.models import mlp
     from lowbit.workflow import cluster
+
+    from lowbit.models import mlp
 
     sizes = (1024, 3072, 3072, 2048, 1000)
     path = tmp / "big.onnx"

@@ -15,8 +15,8 @@ import numpy as np
 from common import time_side_by_side  # noqa: I001
 
 import lowbit
+from lowbit.backends.onnx.session import make_session
 from lowbit.metrics import mean_cosine
-from lowbit.onnx.session import make_session
 
 WORDS = ("the a model quantized network small fast slow device phone cpu memory accuracy data "
          "train test river mountain city music book table cat dog runs sleeps computes "

@@ -46,8 +46,8 @@ def build(folder: str) -> None:
     import onnx
     import torch
 
+    from lowbit.backends.torch.export import export_module
     from lowbit.models import mlp
-    from lowbit.torch.export import export_module
 
     torch.manual_seed(0)
     proto = export_module(mlp(SIZES), np.zeros((2, 1024), np.float32))
@@ -74,12 +74,12 @@ def worker(mode: str, path: str) -> dict:
     import onnxruntime  # noqa: F401
 
     import lowbit.api  # also binds ``lowbit`` for lowbit.quantize
-    import lowbit.onnx.quantize  # noqa: F401
-    from lowbit.onnx.graph import GraphIndex
-    from lowbit.onnx.load import load_model
-    from lowbit.onnx.store import MEMORY_LOCATION, FloatModel
+    import lowbit.backends.onnx.quantize  # noqa: F401
+    from lowbit.backends.onnx.graph import GraphIndex
+    from lowbit.backends.onnx.load import load_model
+    from lowbit.backends.onnx.session import make_session
+    from lowbit.backends.onnx.store import MEMORY_LOCATION, FloatModel
     from lowbit.runtime.memory import release_memory
-    from lowbit.onnx.session import make_session
 
     m = Meter()
     info: dict = {"mode": mode}
@@ -188,7 +188,7 @@ def main() -> int:
     print("\nAPI facts:", json.dumps(api_facts(), indent=1))
     import onnx_ir
 
-    from lowbit.onnx.session import cpu_info, versions
+    from lowbit.backends.onnx.session import cpu_info, versions
     v = versions()
     print(f"\nCPU {cpu_info()['cpu']} ({os.cpu_count()} cores); onnx {v['onnx']}, onnxruntime "
           f"{v['onnxruntime']}, onnx_ir {onnx_ir.__version__}, python {v['python']}, numpy {v['numpy']}")

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import digits_upsampled, time_side_by_side, train  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.backends.onnx.session import cpu_info, make_session, versions  # noqa: E402
+from lowbit.backends.torch.export import export_module  # noqa: E402
 from lowbit.metrics import accuracy, sqnr_db, top1_agreement  # noqa: E402
-from lowbit.onnx.session import cpu_info, make_session, versions  # noqa: E402
-from lowbit.torch.export import export_module  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -171,7 +171,7 @@ def status_mb(key):
                 return int(line.split()[1]) / 1024
 path, n = sys.argv[1], int(sys.argv[2])
 x = np.random.default_rng(0).standard_normal((n, 1024)).astype(np.float32)
-import onnxruntime, lowbit.api, lowbit.onnx.quantize  # imports are not the model's memory
+import onnxruntime, lowbit.api, lowbit.backends.onnx.quantize  # imports are not the model's memory
 base = status_mb('VmRSS')
 t0 = time.perf_counter()
 qm = lowbit.quantize(path, x, verify=False)

@@ -15,9 +15,9 @@ import onnx
 from common import time_side_by_side  # noqa: I001
 
 import lowbit
+from lowbit.backends.onnx.session import make_session
+from lowbit.backends.torch.export import export_module
 from lowbit.metrics import mean_cosine, sqnr_db
-from lowbit.onnx.session import make_session
-from lowbit.torch.export import export_module
 
 
 def pattern_tokens(n: int, seq: int, vocab: int, seed: int) -> np.ndarray:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from lowbit.backends.torch.export import export_module
 from lowbit.cli import main
-from lowbit.torch.export import export_module
 
 # ----------------------------------------------------------------- helpers
 

@@ -18,8 +18,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit.cli as cli
+from lowbit.backends.torch.export import export_module
 from lowbit.cli import main
-from lowbit.torch.export import export_module
 
 VERBS = ["quantize", "bench", "eval", "inspect", "demo"]
 

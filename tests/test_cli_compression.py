@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 
 from lowbit import models
+from lowbit.backends.torch.export import export_module
+from lowbit.backends.torch.train import train_classifier
 from lowbit.cli import main
 from lowbit.data import digits_split
-from lowbit.torch.export import export_module
-from lowbit.torch.train import train_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

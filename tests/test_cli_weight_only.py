@@ -15,8 +15,8 @@ import torch
 from onnx import helper
 
 from lowbit import models
+from lowbit.backends.torch.export import export_module
 from lowbit.cli import main
-from lowbit.torch.export import export_module
 
 VOCAB = 64
 

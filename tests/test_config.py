@@ -127,8 +127,6 @@ def test_non_dict_refused() -> None:
         config_from_dict(["prune"])  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an unhashable 'kind' (e.g. a list from a JSON recipe) "
-                                       "raises TypeError instead of ValidationError")
 def test_unhashable_kind_refused_as_validation_error() -> None:
     with pytest.raises(ValidationError, match="kind"):
         config_from_dict({"kind": ["prune"]})
@@ -249,8 +247,6 @@ def test_edge_values_accepted(cls: type, kwargs: dict) -> None:
     cls(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: PruneConfig(nm=4) (not a pair) raises TypeError "
-                                       "instead of a ValidationError naming option nm")
 def test_nm_not_a_pair_refused_naming_the_option() -> None:
     with pytest.raises(ValidationError, match="nm"):
         PruneConfig(nm=4)  # type: ignore[arg-type]

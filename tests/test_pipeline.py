@@ -11,6 +11,9 @@ import pytest
 
 import lowbit
 from lowbit import models, pipeline
+from lowbit.backends.onnx.weights import weight_initializers
+from lowbit.backends.torch.export import export_module
+from lowbit.backends.torch.train import train_classifier
 from lowbit.config import (
     ClusterConfig,
     Int8Config,
@@ -21,9 +24,6 @@ from lowbit.config import (
 )
 from lowbit.data import digits_split
 from lowbit.errors import ValidationError
-from lowbit.onnx.weights import weight_initializers
-from lowbit.torch.export import export_module
-from lowbit.torch.train import train_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,7 +102,7 @@ def test_a_chain_of_every_weight_stage_then_int8_runs_in_one_pass(lenet, counts)
 
 
 def test_quantize_writes_the_plan_once(lenet, monkeypatch):
-    import lowbit.onnx.quantize as q
+    import lowbit.backends.onnx.quantize as q
 
     proto, train, test = lenet
     writes = []

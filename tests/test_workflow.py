@@ -15,14 +15,14 @@ from onnx import TensorProto, helper, numpy_helper
 import lowbit
 from lowbit import models
 from lowbit.api import CompressedModel, cluster, compress, prune
+from lowbit.backends.onnx.load import load_model
+from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.weights import weight_initializers, weighted_nodes
+from lowbit.backends.torch.export import export_module
+from lowbit.backends.torch.train import train_classifier
 from lowbit.data import digits_split
 from lowbit.errors import ValidationError
-from lowbit.onnx.load import load_model
-from lowbit.onnx.store import FloatModel
-from lowbit.onnx.weights import weight_initializers, weighted_nodes
 from lowbit.pruning.nm import is_nm_sparse
-from lowbit.torch.export import export_module
-from lowbit.torch.train import train_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -151,9 +151,9 @@ def sensitivity(model: Any, data: Any, *, min_cosine: float | None = None,
 
     >>> plan = sensitivity("gpt.onnx", "calib.npz", min_cosine=0.999)   # doctest: +SKIP
     """
+    from lowbit.backends.onnx.session import input_specs_of_model
     from lowbit.data import as_dataset
     from lowbit.model_io import resolve_model
-    from lowbit.onnx.session import input_specs_of_model
     from lowbit.stages.mixed import plan_for_target
 
     if (min_cosine is None) == (max_bits is None):
@@ -193,6 +193,6 @@ def bench(models: list[str | os.PathLike[str]], *, data: Any = None, batch: int 
 
 def inspect_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Operators, parameters, dtypes, per-layer sizes; what is quantized and why not."""
-    from lowbit.inspect import inspect_file
+    from lowbit.report.inspect import inspect_file
 
     return inspect_file(path)

@@ -402,7 +402,7 @@ def inspect(
 
     Example: lowbit inspect model.int8.onnx
     """
-    from lowbit.inspect import inspect_file
+    from lowbit.report.inspect import inspect_file
 
     info = inspect_file(model)
     if as_json:

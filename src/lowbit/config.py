@@ -79,6 +79,7 @@ class Precision(str, enum.Enum):
 
 
 E = TypeVar("E", bound=enum.Enum)
+GROUP_SIZES = (16, 32, 64, 128, 256)
 
 
 def parse_enum(enum_type: type[E], value: Any, option: str) -> E:
@@ -101,6 +102,13 @@ def _number(value: Any, option: str, lo: float, hi: float, *, lo_open: bool = Fa
         left, right = "(" if lo_open else "[", ")" if hi_open else "]"
         raise ValidationError(f"option {option}: {value!r} must be a number in {left}{lo}, {hi}{right}")
     return float(value)
+
+
+def _group_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in GROUP_SIZES:
+        raise ValidationError(f"option group_size: {value!r} must be one of "
+                              f"{', '.join(map(str, GROUP_SIZES))}")
+    return int(value)
 
 
 def _integer(value: Any, option: str, lo: int, hi: int | None = None) -> int:
@@ -161,7 +169,7 @@ def _plain(value: Any) -> Any:
 def config_from_dict(data: dict[str, Any]) -> StageConfig:
     """The config a dict describes (``kind`` picks the type)."""
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind not in _REGISTRY:
+    if not isinstance(kind, str) or kind not in _REGISTRY:
         raise ValidationError(f"unknown stage kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[kind].from_dict(data)
 
@@ -224,9 +232,6 @@ class Int8Config(StageConfig):
         return self.min_cosine is not None or self.max_drop is not None
 
 
-GROUP_SIZES = (16, 32, 64, 128, 256)
-
-
 @dataclass(frozen=True)
 class WeightOnlyConfig(StageConfig):
     """2-8 bit group-wise MatMul/Gemm weights (MatMulNBits) and embedding tables.
@@ -247,9 +252,7 @@ class WeightOnlyConfig(StageConfig):
 
     def __post_init__(self) -> None:
         _integer(self.bits, "bits", 2, 8)
-        if self.group_size not in GROUP_SIZES:
-            raise ValidationError(f"option group_size: {self.group_size} must be one of "
-                                  f"{', '.join(map(str, GROUP_SIZES))}")
+        _group_size(self.group_size)
         self._set("algorithm", parse_enum(WeightOnlyAlgorithm, self.algorithm, "algorithm"))
         if self.algorithm is WeightOnlyAlgorithm.HQQ and self.symmetric:
             raise ValidationError("option symmetric: hqq fits a zero point per group and is "
@@ -278,9 +281,7 @@ class MixedPrecisionConfig(StageConfig):
             raise ValidationError("option layers: expected a mapping of layer name to "
                                   "int4 | int8 | float") from None
         self._set("layers", pairs)
-        if self.group_size not in GROUP_SIZES:
-            raise ValidationError(f"option group_size: {self.group_size} must be one of "
-                                  f"{', '.join(map(str, GROUP_SIZES))}")
+        _group_size(self.group_size)
 
     @property
     def precision(self) -> dict[str, Precision]:
@@ -308,11 +309,11 @@ class PruneConfig(_Training, StageConfig):
         _number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
         self._set("scope", parse_enum(PruneScope, self.scope, "scope"))
         if self.nm is not None:
-            n, m = (tuple(self.nm) + (0, 0))[:2]
-            if len(tuple(self.nm)) != 2 or not all(isinstance(v, int) for v in (n, m)) \
-                    or not 1 <= n < m:
-                raise ValidationError(f"option nm (n:m): need integers 1 <= n < m, got {self.nm}")
-            self._set("nm", (int(n), int(m)))
+            pair = tuple(self.nm) if isinstance(self.nm, (tuple, list)) else ()
+            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                         for v in pair) or not 1 <= pair[0] < pair[1]:
+                raise ValidationError(f"option nm (n:m): need integers 1 <= n < m, got {self.nm!r}")
+            self._set("nm", (int(pair[0]), int(pair[1])))
         self._set("layers", tuple(self.layers))
         self._check_training()
 

@@ -34,10 +34,10 @@ def run_demo(
     import torch
 
     from lowbit.api import quantize
+    from lowbit.backends.torch.export import export_module
+    from lowbit.backends.torch.train import predict, train_classifier
     from lowbit.data import digits_split
     from lowbit.models import digits_cnn
-    from lowbit.torch.export import export_module
-    from lowbit.torch.train import predict, train_classifier
 
     if epochs < 1:
         raise ValidationError(f"option epochs: {epochs} must be >= 1")

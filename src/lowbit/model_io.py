@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from lowbit.backends.onnx.load import load_model, normalise, read_model
+from lowbit.backends.onnx.store import FloatModel
 from lowbit.errors import DataError, ModelLoadError, ValidationError
-from lowbit.onnx.load import load_model, normalise, read_model
-from lowbit.onnx.store import FloatModel
 
 
 def is_lbz(path: str | os.PathLike[str]) -> bool:
@@ -73,7 +73,7 @@ def resolve_model(model: Any, data: Any, *, fold_bn: bool = True
                   ) -> tuple[FloatModel, str, int | None]:
     """(normalised float ONNX model, display name, size on disk if a file)."""
     if is_torch_module(model):
-        from lowbit.torch.export import export_module
+        from lowbit.backends.torch.export import export_module
 
         if data is None:
             raise ValidationError("a torch module needs data (a sample input) to be exported")

@@ -23,6 +23,10 @@ import numpy as np
 import onnx
 
 import lowbit.stages  # noqa: F401  (registers every stage)
+from lowbit.backends.onnx.checks import check_token_ids
+from lowbit.backends.onnx.session import input_specs_of_model, make_session
+from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.writer import write_model
 from lowbit.config import (
     ChannelImportance,
     Int8Config,
@@ -35,10 +39,6 @@ from lowbit.data import Dataset, as_dataset, split_holdout
 from lowbit.errors import ValidationError
 from lowbit.fileio import write_bytes_atomic, write_json_atomic
 from lowbit.model_io import resolve_model
-from lowbit.onnx.checks import check_token_ids
-from lowbit.onnx.session import input_specs_of_model, make_session
-from lowbit.onnx.store import FloatModel
-from lowbit.onnx.writer import write_model
 from lowbit.report.build import build_report, weight_section
 from lowbit.report.verify import verify as verify_model
 from lowbit.stages.base import ProgressFn, RunContext, handler_for

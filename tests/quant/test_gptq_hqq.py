@@ -8,8 +8,8 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
+from lowbit.backends.onnx.weight_only import WeightOnlyConfig
 from lowbit.errors import ValidationError
-from lowbit.onnx.weight_only import WeightOnlyConfig
 from lowbit.quant.gptq import gptq
 from lowbit.quant.groupwise import rtn
 from lowbit.quant.hqq import hqq

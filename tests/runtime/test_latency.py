@@ -32,7 +32,7 @@ class FakeSession:
         self.costs, self.sleep_s = costs, sleep_s
         self.feeds: list[dict] = []
 
-    def run(self, output_names, feed):  # noqa: ANN001, ANN201 - onnxruntime's signature
+    def run(self, output_names, feed):
         assert output_names is None
         self.feeds.append(feed)
         if self.clock is not None:

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.onnx.session import cpu_info, versions
-from lowbit.onnx.store import FloatModel
-from lowbit.onnx.weights import weight_initializers
+from lowbit.backends.onnx.session import cpu_info, versions
+from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.weights import weight_initializers
 from lowbit.quant.plan import QuantizationPlan
 
 
@@ -51,7 +51,12 @@ def build_report(*, tool: str, name: str, input_size: int | None,
         report["config"], report["settings"] = stages[0]
     else:
         report["stages"] = [c for c, _ in stages]
-        report["settings"] = {_short(c["kind"]): s for c, s in stages}
+        report["settings"] = {}
+        for c, s in stages:
+            key = _short(c["kind"])
+            while key in report["settings"]:  # the same technique twice: keep both
+                key += "+"
+            report["settings"][key] = s
     report.update(sections)
     if plan is not None:
         report["nodes"] = {"counts": plan.counts(), "decisions": plan.decision_dicts()}
@@ -64,4 +69,4 @@ def build_report(*, tool: str, name: str, input_size: int | None,
 
 
 def _short(kind: str) -> str:
-    return {"prune-structured": "prune"}.get(kind, kind.split("-")[0])
+    return {"prune-structured": "structured_prune"}.get(kind, kind.split("-")[0])

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import onnx
 
+from lowbit.backends.onnx.store import FloatModel
 from lowbit.config import StageConfig
 from lowbit.data import Dataset
 from lowbit.errors import ValidationError
-from lowbit.onnx.store import FloatModel
 from lowbit.quant.plan import QuantizationPlan
 
 ProgressFn = Callable[[str, int, int], None]
@@ -65,8 +65,8 @@ class RunContext:
                 self.notes.append(note)
             return False
         if self._trainable is None:
+            from lowbit.backends.torch.from_onnx import check_trainable
             from lowbit.errors import UnsupportedOpError
-            from lowbit.torch.from_onnx import check_trainable
 
             try:
                 check_trainable(self.fm)

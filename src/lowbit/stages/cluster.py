@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.backends.torch.finetune import FinetuneSpec, finetune, with_weights
 from lowbit.clustering.kmeans import Clustering, kmeans_1d
 from lowbit.config import ClusterConfig
 from lowbit.stages.base import RunContext, register
 from lowbit.stages.prune import selected_layers
-from lowbit.torch.finetune import FinetuneSpec, finetune, with_weights
 
 
 @register(ClusterConfig)

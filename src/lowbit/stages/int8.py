@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lowbit.backends.onnx.quantize import Int8Outcome, quantize_int8
+from lowbit.backends.onnx.scoring import accuracy_points, output_cosine, reference_outputs
 from lowbit.config import Int8Config
 from lowbit.data import Dataset
 from lowbit.errors import DataError
 from lowbit.metrics import accuracy
-from lowbit.onnx.quantize import Int8Outcome, quantize_int8
-from lowbit.onnx.scoring import accuracy_points, output_cosine, reference_outputs
 from lowbit.quant.plan import Treatment
 from lowbit.quant.search import SearchResult, meet_quality_target
 from lowbit.stages.base import RunContext, register
@@ -67,7 +67,7 @@ def _meet_target(ctx: RunContext, calib: Dataset, config: Int8Config,
     first_score = score(first)
     if config.smoothquant and first.plan.nodes_with(Treatment.DYNAMIC) and first_score < target:
         # SmoothQuant first: it keeps every layer INT8 (full speed) when it suffices
-        from lowbit.onnx.smoothquant import smooth
+        from lowbit.backends.onnx.smoothquant import smooth
 
         for alpha in SMOOTHQUANT_ALPHAS:  # migration strength; the best on calibration wins
             smoothed, n_inputs = smooth(ctx.fm, calib, alpha=alpha, threads=ctx.threads)

@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.backends.onnx.plan import build_int8_plan
+from lowbit.backends.onnx.quantize import fill_weights, lacks_vnni
+from lowbit.backends.onnx.scoring import output_cosine, reference_outputs
+from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.weight_only import linear_layers, plan_weight_only
+from lowbit.backends.onnx.writer import write_model
 from lowbit.config import MixedPrecisionConfig, Precision, WeightOnlyConfig
 from lowbit.data import Dataset
 from lowbit.errors import ValidationError
-from lowbit.onnx.plan import build_int8_plan
-from lowbit.onnx.quantize import fill_weights, lacks_vnni
-from lowbit.onnx.scoring import output_cosine, reference_outputs
-from lowbit.onnx.store import FloatModel
-from lowbit.onnx.weight_only import linear_layers, plan_weight_only
-from lowbit.onnx.writer import write_model
 from lowbit.quant.plan import QuantizationPlan, Treatment
 from lowbit.stages.base import ProgressFn, RunContext, register
 

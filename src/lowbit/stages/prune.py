@@ -8,15 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.weights import WeightedNode, weighted_nodes
+from lowbit.backends.torch.finetune import FinetuneSpec, MaskUpdate, finetune, steps_per_epoch, with_weights
 from lowbit.config import ChannelImportance, PruneConfig, PruneScope, StructuredPruneConfig
 from lowbit.errors import ValidationError
-from lowbit.onnx.store import FloatModel
-from lowbit.onnx.weights import WeightedNode, weighted_nodes
 from lowbit.pruning.magnitude import global_masks, layer_mask
 from lowbit.pruning.nm import nm_mask
 from lowbit.pruning.schedules import polynomial_decay_schedule
 from lowbit.stages.base import RunContext, register
-from lowbit.torch.finetune import FinetuneSpec, MaskUpdate, finetune, steps_per_epoch, with_weights
 
 
 def selected_layers(fm: FloatModel, layers: tuple[str, ...]) -> list[WeightedNode]:
@@ -119,8 +119,8 @@ def prune_stage(config: PruneConfig, ctx: RunContext) -> dict[str, Any]:
 
 @register(StructuredPruneConfig)
 def structured_prune_stage(config: StructuredPruneConfig, ctx: RunContext) -> dict[str, Any]:
-    from lowbit.onnx.fold import fold_batchnorm
-    from lowbit.onnx.structured import apply_channel_pruning, plan_channel_pruning
+    from lowbit.backends.onnx.fold import fold_batchnorm
+    from lowbit.backends.onnx.structured import apply_channel_pruning, plan_channel_pruning
 
     plan = plan_channel_pruning(ctx.fm, ratio=config.sparsity, importance=config.importance,
                                 min_channels=config.min_channels,

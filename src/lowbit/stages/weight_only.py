@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lowbit.backends.onnx.weight_only import plan_weight_only
 from lowbit.config import WeightOnlyAlgorithm, WeightOnlyConfig
-from lowbit.onnx.weight_only import plan_weight_only
 from lowbit.stages.base import RunContext, register
 
 

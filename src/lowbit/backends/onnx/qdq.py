@@ -1,0 +1,151 @@
+"""The INT8 writer: a ``QuantizationPlan`` -> QDQ (static) and dynamic MatMul/Gemm rewrites.
+
+It decides nothing: every scale and zero point comes from the plan. It emits
+standard ONNX (QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear,
+MatMulInteger) that ONNX Runtime fuses into its integer kernels (QLinearConv,
+QGemm, DynamicQuantizeMatMul, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lowbit.backends.onnx.graph import GraphIndex, attr
+from lowbit.backends.onnx.graph_writer import GraphWriter
+from lowbit.backends.onnx.store import FloatModel
+from lowbit.quant import affine
+from lowbit.quant.plan import NodeQuant, QuantizationPlan, Treatment
+from lowbit.quant.scheme import Granularity, TensorQuantParams
+
+
+def _storage_dtype(params: TensorQuantParams) -> Any:
+    if params.bits == 32:
+        return np.int32
+    return np.int8 if params.signed else np.uint8
+
+
+def _dequantized_constant(w: GraphWriter, tensor: str, values: np.ndarray,
+                          params: TensorQuantParams) -> str:
+    """Store ``values`` quantized with ``params``; return the name of its DQ output."""
+    dtype = _storage_dtype(params)
+    q_name = w.const(f"{tensor}_quantized", affine.quantize(values, params, dtype=dtype))
+    scale, zp = _params_inputs(w, tensor, params)
+    out = w.names(f"{tensor}_dequantized")
+    attrs = {"axis": params.axis} if params.granularity is Granularity.CHANNEL else {}
+    w.add(helper.make_node("DequantizeLinear", [q_name, scale, zp], [out],
+                           name=w.names(f"{tensor}_DequantizeLinear"), **attrs))
+    return out
+
+
+def _params_inputs(w: GraphWriter, base: str, params: TensorQuantParams) -> tuple[str, str]:
+    scale = w.const(f"{base}_scale", np.asarray(params.scale, dtype=np.float32))
+    zp = w.const(f"{base}_zero_point", np.asarray(params.zero_point).astype(_storage_dtype(params)))
+    return scale, zp
+
+
+def _qdq_activation(w: GraphWriter, tensor: str, params: TensorQuantParams,
+                    is_graph_input: bool) -> None:
+    """Insert Q -> DQ on an activation. Consumers keep reading ``tensor`` unless it is a
+    graph input (then they are rewired to the DQ output)."""
+    scale, zp = _params_inputs(w, tensor, params)
+    q_out = w.names(f"{tensor}_quantized")
+    if is_graph_input:
+        source, dq_out = tensor, w.names(f"{tensor}_dequantized")
+        w.rename_input(tensor, dq_out)
+    else:
+        source, dq_out = w.names(f"{tensor}_prequant"), tensor
+        w.rename_output(tensor, source)
+    w.add(helper.make_node("QuantizeLinear", [source, scale, zp], [q_out],
+                           name=w.names(f"{tensor}_QuantizeLinear")))
+    w.add(helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
+                           name=w.names(f"{tensor}_DequantizeLinear")))
+
+
+def write_int8(fm: FloatModel, plan: QuantizationPlan, writer: GraphWriter) -> None:
+    """Apply the INT8 part of ``plan`` (folds, static and dynamic nodes, activations)
+    to ``writer``'s copy of ``fm``."""
+    index = GraphIndex(fm.proto, fm.weights)
+    by_name = writer.by_name
+    for fold in plan.folds:  # the producer writes the activation's output; the activation goes
+        by_name[fold.producer].output[0] = fold.output
+        writer.remove(by_name[fold.activation])
+    for item in plan.nodes_with(Treatment.STATIC):
+        node = by_name[item.name]
+        if item.weight is None:
+            _constant_operands(writer, node, plan, index)
+        else:
+            _static_weights(writer, node, item, plan, index)
+    for item in plan.nodes_with(Treatment.DYNAMIC):
+        _dynamic_matmul(writer, by_name[item.name], item, plan, index)
+    inputs = set(index.graph_inputs)
+    for tensor in plan.activations:
+        _qdq_activation(writer, tensor, plan.activation_params(tensor), tensor in inputs)
+
+
+def _value(plan: QuantizationPlan, index: GraphIndex, name: str) -> np.ndarray:
+    value = plan.weight_values.get(name)
+    if value is None:
+        value = index.constant(name)
+    if value is None:
+        raise ValueError(f"internal: constant {name} vanished")
+    return np.asarray(value)
+
+
+def _static_weights(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
+                    plan: QuantizationPlan, index: GraphIndex) -> None:
+    weight = str(item.weight)
+    node.input[1] = _dequantized_constant(w, weight, _value(plan, index, weight),
+                                          plan.tensors[weight])
+    if item.bias is not None and item.bias in plan.tensors:
+        bias = _value(plan, index, item.bias)
+        node.input[2] = _dequantized_constant(w, item.bias, bias.reshape(-1),
+                                              plan.tensors[item.bias])
+
+
+def _constant_operands(w: GraphWriter, node: onnx.NodeProto, plan: QuantizationPlan,
+                       index: GraphIndex) -> None:
+    """Constant inputs of an 8-bit elementwise op (e.g. Concat) that the plan quantizes."""
+    for k, x in enumerate(node.input):
+        if x and x in index.initializers and x in plan.tensors:
+            node.input[k] = _dequantized_constant(w, x, _value(plan, index, x), plan.tensors[x])
+
+
+def _dynamic_matmul(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
+                    plan: QuantizationPlan, index: GraphIndex) -> None:
+    """MatMul/Gemm -> DynamicQuantizeLinear + MatMulInteger + scale (+ bias)."""
+    base = str(item.weight)
+    weight = _value(plan, index, base)
+    params = plan.tensors[base]
+    bias = _value(plan, index, item.bias) if item.bias else None
+    q = affine.quantize(weight, params, dtype=np.int8)
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        q = np.ascontiguousarray(q.T)  # stored (N, K); MatMulInteger wants (K, N)
+    w_q = w.const(f"{base}_quantized", q)
+    w_scale = w.const(f"{base}_scale", np.asarray(params.scale, np.float32))
+    prefix = w.names(f"{node.name or node.op_type}_dyn")
+    x_q, x_s, x_zp = (w.names(f"{prefix}_x_quantized"), w.names(f"{prefix}_x_scale"),
+                      w.names(f"{prefix}_x_zero_point"))
+    acc, acc_f, scale = (w.names(f"{prefix}_int32"), w.names(f"{prefix}_float"),
+                         w.names(f"{prefix}_scale"))
+    out = node.output[0]
+    scaled = out if bias is None else w.names(f"{prefix}_scaled")
+    new = [
+        helper.make_node("DynamicQuantizeLinear", [node.input[0]], [x_q, x_s, x_zp],
+                         name=w.names(f"{prefix}_DQL")),
+        helper.make_node("MatMulInteger", [x_q, w_q, x_zp], [acc],
+                         name=w.names(f"{prefix}_MatMulInteger")),
+        helper.make_node("Cast", [acc], [acc_f], to=onnx.TensorProto.FLOAT,
+                         name=w.names(f"{prefix}_Cast")),
+        helper.make_node("Mul", [x_s, w_scale], [scale], name=w.names(f"{prefix}_ScaleMul")),
+        helper.make_node("Mul", [acc_f, scale], [scaled], name=w.names(f"{prefix}_Mul")),
+    ]
+    if bias is not None:
+        b = w.const(f"{base}_bias", bias.astype(np.float32))
+        new.append(helper.make_node("Add", [scaled, b], [out], name=w.names(f"{prefix}_BiasAdd")))
+    w.remove(node)
+    for n in new:
+        w.add(n)

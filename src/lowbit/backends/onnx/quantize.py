@@ -1,0 +1,244 @@
+"""INT8 post-training quantization of an ONNX model: plan, calibrate, fill parameters, choose.
+
+The planner (``plan.build_int8_plan``) says which nodes and tensors are
+quantized; calibration measures activation ranges; the weight rules and the
+chosen calibration method fill every scale and zero point into the plan; the
+writer only renders it. With calibration ``auto`` each method's plan is written
+and scored on a few calibration samples, and the best output SQNR wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lowbit.backends.onnx.calibrate import calibrate
+from lowbit.backends.onnx.graph import node_name
+from lowbit.backends.onnx.plan import AUTO, build_int8_plan
+from lowbit.backends.onnx.session import cpu_info, make_session, run_batches
+from lowbit.backends.onnx.speed_probe import slow_int8_convs
+from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.weights import weighted_nodes
+from lowbit.backends.onnx.writer import write_model
+from lowbit.config import Int8Config, QuantMode
+from lowbit.data import Dataset
+from lowbit.errors import DataError
+from lowbit.metrics import sqnr_db
+from lowbit.quant import affine, weight_rules
+from lowbit.quant.observers import CalibrationMethod, HistogramObserver, select_range
+from lowbit.quant.plan import QuantizationPlan, Treatment
+from lowbit.quant.scheme import TensorQuantParams
+from lowbit.runtime.memory import release_memory
+
+CONCRETE_METHODS = (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE,
+                    CalibrationMethod.MSE, CalibrationMethod.ENTROPY)
+SELECTION_SAMPLES = 64
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class Int8Outcome:
+    plan: QuantizationPlan
+    model: onnx.ModelProto  # the plan written (kept: the search scores it, the run ships it)
+    method: CalibrationMethod | None
+    method_sqnr_db: dict[str, float] = field(default_factory=dict)
+    calibration_samples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def weighted_treatments(mode: QuantMode) -> dict[str, Treatment | str]:
+    """What each weighted op type gets in ``mode``.
+
+    auto: Conv is always static (ONNX Runtime's ConvInteger path is several times
+    slower than float). A MatMul/Gemm is static when its input is already 8-bit
+    (the output of a quantized op, or a graph input): 8-bit data then flows between
+    layers with no re-quantization, which measured fastest (QGemm). Otherwise (e.g.
+    after LayerNorm or Softmax in a transformer) it is dynamic: the input must be
+    quantized anyway, and a per-batch range is more accurate than a calibrated one.
+    """
+    if mode is QuantMode.STATIC:
+        return {"Conv": Treatment.STATIC, "Gemm": Treatment.STATIC, "MatMul": Treatment.STATIC}
+    if mode is QuantMode.DYNAMIC:
+        return {"Conv": Treatment.FLOAT, "Gemm": Treatment.DYNAMIC, "MatMul": Treatment.DYNAMIC}
+    return {"Conv": Treatment.STATIC, "Gemm": AUTO, "MatMul": AUTO}
+
+
+def lacks_vnni() -> bool:
+    """True on a CPU known to lack int8 dot-product instructions (see ``weight_bits``)."""
+    return cpu_info().get("vnni") is False
+
+
+def fill_weights(plan: QuantizationPlan, fm: FloatModel, granularity: str, *,
+                 reduce_range: bool = False) -> None:
+    """Weight parameters (they do not depend on calibration) of every quantized node."""
+    bits = weight_rules.weight_bits(reduce_range)
+    weighted = {w.name: w for w in weighted_nodes(fm)[0]}
+    labels: dict[str, str] = {}
+    for item in plan.nodes.values():
+        if item.weight is None:
+            continue
+        weight = _constant(plan, fm, item.weight)
+        out_axis = weighted[item.name].out_axis
+        if item.treatment is Treatment.DYNAMIC:
+            params = affine.weight_params_per_channel(weight, axis=out_axis, bits=bits)
+        else:
+            params = weight_rules.static_weight_params(
+                weight, out_axis, per_channel_only=item.op_type == "Conv", granularity=granularity,
+                bits=bits)
+        plan.tensors[item.weight] = params
+        labels[item.name] = weight_rules.granularity_label(params) + \
+            (", 7-bit range" if reduce_range else "")
+    plan.decisions[:] = [dataclasses.replace(d, weights=labels[d.name]) if d.name in labels
+                         else d for d in plan.decisions]
+
+
+def _constant(plan: QuantizationPlan, fm: FloatModel, name: str) -> np.ndarray:
+    value = plan.weight_values.get(name)
+    return np.asarray(value if value is not None else fm.constant(name))
+
+
+def fill_activations(plan: QuantizationPlan, fm: FloatModel,
+                     activations: dict[str, TensorQuantParams]) -> QuantizationPlan:
+    """A copy of ``plan`` with these activation parameters and the INT32 biases and
+    constant operands that follow from them."""
+    out = dataclasses.replace(plan, tensors=dict(plan.tensors))
+    out.tensors.update(activations)
+    weighted = {w.name: w for w in weighted_nodes(fm)[0]}
+    nodes = {node_name(n, i): n for i, n in enumerate(fm.proto.graph.node)}
+    initializers = {t.name for t in fm.proto.graph.initializer}
+    for item in plan.nodes_with(Treatment.STATIC):
+        node = nodes[item.name]
+        if item.weight is None:  # constant inputs of an 8-bit elementwise op (e.g. Concat)
+            for x in node.input:
+                value = fm.constant(x) if x in initializers else None
+                if value is not None and value.dtype == np.float32:
+                    out.tensors[x] = weight_rules.constant_operand_params(value)
+            continue
+        if item.bias is None:
+            continue
+        channels = int(_constant(plan, fm, item.weight).shape[weighted[item.name].out_axis])
+        if np.asarray(fm.constant(item.bias)).size == channels:
+            out.tensors[item.bias] = weight_rules.bias_params(
+                out.activation_params(node.input[0]), out.tensors[item.weight], channels)
+    return out
+
+
+def activation_params_for(observers: dict[str, HistogramObserver], plan: QuantizationPlan,
+                          method: CalibrationMethod, *, percentile: float
+                          ) -> dict[str, TensorQuantParams]:
+    out: dict[str, TensorQuantParams] = {}
+    caps = plan.clip_caps
+    for tensor in plan.observed:
+        lo, hi = select_range(observers[tensor], method, percentile=percentile)
+        if tensor in caps:
+            lo, hi = max(lo, caps[tensor][0]), min(hi, caps[tensor][1])
+        out[tensor] = affine.activation_params(lo, hi)
+    return out
+
+
+def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
+                  progress: ProgressFn | None = None, threads: int = 1) -> Int8Outcome:
+    """Plan, calibrate and write INT8 quantization of a normalised float model."""
+    t0 = time.perf_counter()
+    treatments = weighted_treatments(config.mode)
+    reduce_range = config.reduce_range if config.reduce_range is not None else \
+        lacks_vnni()
+
+    def make_plan(keep_float: dict[str, str] | None = None) -> QuantizationPlan:
+        plan = build_int8_plan(fm, treatments=treatments, exclude=config.exclude_nodes,
+                               keep_float=keep_float, strict=config.strict)
+        plan.metadata.update({"mode": config.mode.value, "reduce_range": reduce_range,
+                              "treatments": {k: getattr(v, "value", v) for k, v in treatments.items()}})
+        fill_weights(plan, fm, config.weight_granularity.value, reduce_range=reduce_range)
+        return plan
+
+    plan = make_plan()
+    seconds: dict[str, float] = {"plan": time.perf_counter() - t0}
+    warnings: list[str] = []
+    if not plan.nodes_with(Treatment.STATIC, Treatment.DYNAMIC):
+        warnings.append("no operator was quantized; the output equals the input model")
+    if not plan.observed:
+        return Int8Outcome(plan, write_model(fm, plan), None, {}, 0, seconds, warnings)
+    calib = calibration.take(0, min(calibration.num_samples, config.max_calibration_samples))
+    total, done = calib.num_samples, [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress("calibrating", done[0], total)
+
+    t1 = time.perf_counter()
+    observers = calibrate(fm, calib, plan.observed, batch_size=config.batch_size,
+                          threads=threads, progress=step)
+    release_memory()
+    seconds["calibrate"] = time.perf_counter() - t1
+    nonfinite = sorted(t for t, o in observers.items() if o.nonfinite)
+    if nonfinite:
+        raise DataError(f"{calibration.source}: the float model produces NaN/inf in tensor(s) "
+                        f"{', '.join(nonfinite[:5])} on the calibration data")
+    if config.mode is QuantMode.AUTO:
+        slow = slow_int8_convs(fm, [n.name for n in plan.nodes_with(Treatment.STATIC)
+                                    if n.op_type == "Conv"], observers, threads)
+        if slow:
+            plan = make_plan(slow)
+            missing = [t for t in plan.observed if t not in observers]
+            if missing:
+                observers.update(calibrate(fm, calib, missing, batch_size=config.batch_size,
+                                           threads=threads))
+            if not plan.observed:
+                return Int8Outcome(plan, write_model(fm, plan), None, {}, total, seconds, warnings)
+    t2 = time.perf_counter()
+    chosen, scores, best = _choose_method(fm, plan, observers, calib, config, threads, progress)
+    best.metadata["calibration"] = chosen.value
+    model = write_model(fm, best)
+    seconds["choose_and_write"] = time.perf_counter() - t2
+    return Int8Outcome(best, model, chosen, scores, total, seconds, warnings)
+
+
+def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, HistogramObserver],
+                   calib: Dataset, config: Int8Config, threads: int, progress: ProgressFn | None
+                   ) -> tuple[CalibrationMethod, dict[str, float], QuantizationPlan]:
+    """The calibration method whose plan gives the best output SQNR on a few samples.
+
+    Each candidate is written, run and dropped (one candidate in memory at a time)."""
+    methods = list(CONCRETE_METHODS) if config.calibration is CalibrationMethod.AUTO \
+        else [config.calibration]
+
+    def plan_for(method: CalibrationMethod) -> QuantizationPlan:
+        acts = activation_params_for(observers, plan, method, percentile=config.percentile)
+        return fill_activations(plan, fm, acts)
+
+    if len(methods) == 1:
+        return methods[0], {}, plan_for(methods[0])
+    selection = calib.take(0, min(calib.num_samples, SELECTION_SAMPLES))
+    reference = _outputs(make_session(fm, threads=threads, lean=True), selection, config.batch_size)
+    release_memory()
+    scores: dict[str, float] = {}
+    best: tuple[float, CalibrationMethod, QuantizationPlan] | None = None
+    for k, method in enumerate(methods):
+        candidate = plan_for(method)
+        serialized = write_model(fm, candidate).SerializeToString()
+        session = make_session(serialized, threads=threads, name="quantized candidate", lean=True)
+        del serialized
+        outs = _outputs(session, selection, config.batch_size)
+        del session
+        release_memory()
+        score = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
+        scores[method.value] = round(score, 3)
+        if best is None or score > best[0]:
+            best = (score, method, candidate)
+        if progress is not None:
+            progress("choosing calibration", k + 1, len(methods))
+    assert best is not None  # noqa: S101  (methods is never empty)
+    return best[1], scores, best[2]
+
+
+def _outputs(session: Any, data: Dataset, batch_size: int) -> list[np.ndarray]:
+    return [o.astype(np.float64) for o in run_batches(session, data, batch_size)]

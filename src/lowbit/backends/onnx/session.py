@@ -1,0 +1,178 @@
+"""ONNX Runtime sessions, input specs and an optimized-graph probe."""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lowbit.backends.onnx.graph import dims_of
+from lowbit.backends.onnx.store import FloatModel, is_reference
+from lowbit.data import InputSpec
+from lowbit.errors import ModelLoadError
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int16)": np.int16,
+}
+
+
+def make_session(
+    model: Any,
+    *,
+    threads: int = 1,
+    optimized_path: str | None = None,
+    name: str = "model",
+    lean: bool = False,
+) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (all optimizations on)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    if lean:  # calibration passes: no second, pre-packed copy of every weight
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    keepalive: list[Any] = []
+    if isinstance(model, FloatModel):
+        # ONNX Runtime reads the split-out weights from our arrays (no serialized copy).
+        names = [t.name for t in model.proto.graph.initializer if is_reference(t)]
+        keepalive = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(model.weights[n]))
+                     for n in names]
+        if names:
+            opts.add_external_initializers(names, keepalive)
+        source: Any = model.proto.SerializeToString()
+    elif isinstance(model, onnx.ModelProto):
+        source = model.SerializeToString()
+    elif isinstance(model, bytes):
+        source = model
+    else:
+        source = str(model)
+    try:
+        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        session._lowbit_keepalive = keepalive  # the arrays must outlive the session
+        return session
+    except Exception as exc:
+        raise ModelLoadError(
+            f"ONNX Runtime cannot load {name}: {str(exc).strip().splitlines()[0][:400]}"
+        ) from None
+
+
+def input_specs(session: Any) -> list[InputSpec]:
+    specs = []
+    for inp in session.get_inputs():
+        dtype = np.dtype(_ORT_TO_NUMPY.get(inp.type, np.float32))
+        shape = tuple(d if isinstance(d, int) else (d if isinstance(d, str) else None)
+                      for d in inp.shape)
+        specs.append(InputSpec(inp.name, dtype, shape))
+    return specs
+
+
+def input_specs_of_model(model: onnx.ModelProto) -> list[InputSpec]:
+    init = {t.name for t in model.graph.initializer}
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in init:
+            continue
+        tt = inp.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        specs.append(InputSpec(inp.name, dtype, tuple(dims_of(tt))))
+    return specs
+
+
+def run_batches(session: Any, data: Any, batch_size: int = 64) -> list[np.ndarray]:
+    """Run ``data`` (a Dataset) through ``session`` batch by batch; outputs concatenated."""
+    parts: list[list[np.ndarray]] = []
+    for feed in data.batches(batch_size):
+        outs = session.run(None, feed)
+        if not parts:
+            parts = [[] for _ in outs]
+        for k, o in enumerate(outs):
+            parts[k].append(np.asarray(o))
+    return [np.concatenate(p) for p in parts]
+
+
+def optimized_op_counts(model: onnx.ModelProto, *, threads: int = 1) -> Counter[str]:
+    """Op types of the graph ONNX Runtime actually runs after its fusions."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-opt-") as tmp:
+        path = str(Path(tmp) / "optimized.onnx")
+        make_session(model, threads=threads, optimized_path=path)
+        optimized = onnx.load(path, load_external_data=False)
+    return Counter(
+        (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}")
+        for n in optimized.graph.node
+    )
+
+
+def unfused_qdq(model: onnx.ModelProto) -> list[str]:
+    """Float compute ops that ONNX Runtime still feeds from DequantizeLinear.
+
+    These are QDQ patterns it did not fuse into integer kernels: they run in
+    float *and* pay for the (de)quantization.
+    """
+    with tempfile.TemporaryDirectory(prefix="lowbit-opt-") as tmp:
+        path = str(Path(tmp) / "optimized.onnx")
+        make_session(model, threads=1, optimized_path=path)
+        optimized = onnx.load(path, load_external_data=False)
+    producer = {o: n for n in optimized.graph.node for o in n.output}
+    compute = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "Add", "Mul"}
+    unfused = []
+    for node in optimized.graph.node:
+        if node.op_type not in compute:
+            continue
+        srcs = [producer.get(i) for i in node.input]
+        if any(s is not None and s.op_type == "DequantizeLinear" for s in srcs[:2]):
+            unfused.append(node.name or node.op_type)
+    return unfused
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, core count, and whether it has VNNI int8 dot-product instructions."""
+    model_name = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name") and model_name in ("", platform.machine()):
+                    model_name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    vnni: bool | None = None
+    if flags:
+        vnni = bool({"avx512_vnni", "avx_vnni", "avx512vnni"} & flags)
+    return {
+        "cpu": model_name,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "vnni": vnni,
+        "avx512": bool({"avx512f"} & flags) if flags else None,
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime as ort
+
+    out = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+    }
+    from lowbit import __version__
+
+    out["lowbit"] = __version__
+    return out

@@ -1,0 +1,1 @@
+"""PyTorch backend: export to ONNX, the ONNX->torch interpreter, the trainer."""

@@ -1,1 +1,0 @@
-"""PyTorch backend: export to ONNX and a small training loop."""
