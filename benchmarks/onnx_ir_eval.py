@@ -188,7 +188,7 @@ def main() -> int:
     print("\nAPI facts:", json.dumps(api_facts(), indent=1))
     import onnx_ir
 
-    from lowbit.backends.onnx.session import cpu_info, versions
+    from lowbit.runtime.environment import cpu_info, versions
     v = versions()
     print(f"\nCPU {cpu_info()['cpu']} ({os.cpu_count()} cores); onnx {v['onnx']}, onnxruntime "
           f"{v['onnxruntime']}, onnx_ir {onnx_ir.__version__}, python {v['python']}, numpy {v['numpy']}")

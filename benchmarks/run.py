@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import digits_upsampled, time_side_by_side, train  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit.backends.onnx.session import cpu_info, make_session, versions  # noqa: E402
+from lowbit.backends.onnx.session import make_session  # noqa: E402
 from lowbit.backends.torch.export import export_module  # noqa: E402
 from lowbit.metrics import accuracy, sqnr_db, top1_agreement  # noqa: E402
+from lowbit.runtime.environment import cpu_info, versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 _API = ("quantize", "prune", "cluster", "compress", "sensitivity", "read_mixed_plan", "evaluate",
         "bench", "inspect_model", "load", "run", "CompressedModel")
 _CONFIG = ("Int8Config", "WeightOnlyConfig", "MixedPrecisionConfig", "PruneConfig",
@@ -28,6 +26,7 @@ _CONFIG = ("Int8Config", "WeightOnlyConfig", "MixedPrecisionConfig", "PruneConfi
 __all__ = [*_API, *_CONFIG, "LowbitError", "__version__"]
 
 from lowbit.errors import LowbitError  # noqa: E402  (cheap, no heavy imports)
+from lowbit.version import __version__  # noqa: E402
 
 
 def __getattr__(name: str) -> Any:

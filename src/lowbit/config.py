@@ -119,7 +119,7 @@ def _integer(value: Any, option: str, lo: int, hi: int | None = None) -> int:
     return int(value)
 
 
-_REGISTRY: dict[str, type[StageConfig]] = {}
+CONFIG_TYPES: dict[str, type[StageConfig]] = {}
 C = TypeVar("C", bound="StageConfig")
 
 
@@ -133,7 +133,7 @@ class StageConfig:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.kind:
-            _REGISTRY[cls.kind] = cls
+            CONFIG_TYPES[cls.kind] = cls
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -169,9 +169,9 @@ def _plain(value: Any) -> Any:
 def config_from_dict(data: dict[str, Any]) -> StageConfig:
     """The config a dict describes (``kind`` picks the type)."""
     kind = data.get("kind") if isinstance(data, dict) else None
-    if not isinstance(kind, str) or kind not in _REGISTRY:
-        raise ValidationError(f"unknown stage kind {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[kind].from_dict(data)
+    if not isinstance(kind, str) or kind not in CONFIG_TYPES:
+        raise ValidationError(f"unknown stage kind {kind!r}; known: {', '.join(sorted(CONFIG_TYPES))}")
+    return CONFIG_TYPES[kind].from_dict(data)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lowbit.backends.onnx.session import cpu_info, input_specs, make_session, run_batches, versions
+from lowbit.backends.onnx.session import input_specs, make_session, run_batches
 from lowbit.data import Dataset, as_dataset, synthetic_feed
 from lowbit.errors import ValidationError
 from lowbit.metrics import accuracy
 from lowbit.model_io import read_any
+from lowbit.runtime.environment import cpu_info, versions
 from lowbit.runtime.latency import measure_side_by_side
 
 

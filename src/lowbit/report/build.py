@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.backends.onnx.session import cpu_info, versions
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.backends.onnx.weights import weight_initializers
 from lowbit.quant.plan import QuantizationPlan
+from lowbit.runtime.environment import cpu_info, versions
 
 
 def layer_table(fm: FloatModel) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 
 from lowbit.backends.onnx.session import (
-    cpu_info,
     input_specs,
     make_session,
     optimized_op_counts,
@@ -24,6 +23,7 @@ from lowbit.backends.onnx.session import (
 )
 from lowbit.data import Dataset, synthetic_feed
 from lowbit.metrics import accuracy, mean_cosine, sqnr_db, top1_agreement
+from lowbit.runtime.environment import cpu_info
 from lowbit.runtime.latency import measure_side_by_side
 
 # A degradation beyond any of these is flagged in the report.

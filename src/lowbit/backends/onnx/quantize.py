@@ -21,7 +21,7 @@ import onnx
 from lowbit.backends.onnx.calibrate import calibrate
 from lowbit.backends.onnx.graph import node_name
 from lowbit.backends.onnx.plan import AUTO, build_int8_plan
-from lowbit.backends.onnx.session import cpu_info, make_session, run_batches
+from lowbit.backends.onnx.session import make_session, run_batches
 from lowbit.backends.onnx.speed_probe import slow_int8_convs
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.backends.onnx.weights import weighted_nodes
@@ -34,6 +34,7 @@ from lowbit.quant import affine, weight_rules
 from lowbit.quant.observers import CalibrationMethod, HistogramObserver, select_range
 from lowbit.quant.plan import QuantizationPlan, Treatment
 from lowbit.quant.scheme import TensorQuantParams
+from lowbit.runtime.environment import cpu_info
 from lowbit.runtime.memory import release_memory
 
 CONCRETE_METHODS = (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE,

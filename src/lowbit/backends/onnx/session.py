@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -135,44 +133,3 @@ def unfused_qdq(model: onnx.ModelProto) -> list[str]:
         if any(s is not None and s.op_type == "DequantizeLinear" for s in srcs[:2]):
             unfused.append(node.name or node.op_type)
     return unfused
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model, core count, and whether it has VNNI int8 dot-product instructions."""
-    model_name = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name") and model_name in ("", platform.machine()):
-                    model_name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    vnni: bool | None = None
-    if flags:
-        vnni = bool({"avx512_vnni", "avx_vnni", "avx512vnni"} & flags)
-    return {
-        "cpu": model_name,
-        "cores": os.cpu_count(),
-        "machine": platform.machine(),
-        "vnni": vnni,
-        "avx512": bool({"avx512f"} & flags) if flags else None,
-    }
-
-
-def versions() -> dict[str, str]:
-    import onnxruntime as ort
-
-    out = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": ort.__version__,
-    }
-    from lowbit import __version__
-
-    out["lowbit"] = __version__
-    return out

@@ -27,18 +27,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lowbit.backends.onnx.graph import GraphIndex, attr, node_name
+from lowbit.backends.onnx.channel_flow import PRODUCERS, ChannelAnalyser, Prunable, Refused, node_label
+from lowbit.backends.onnx.graph import node_name
 from lowbit.backends.onnx.store import SPLIT_MIN_BYTES, FloatModel
 from lowbit.config import ChannelImportance, parse_enum
 from lowbit.errors import ValidationError
-
-# Ops that apply the same function to every element (any channel axis works).
-_ELEMENTWISE = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Dropout", "Identity"}
-# Ops that keep channels on axis 1 of an (N, C, ...) tensor.
-_POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool"}
-# Binary ops: a bias/scale if the other operand is a constant, a residual join otherwise.
-_BINARY = {"Add", "Sub", "Mul", "Div"}
-_PRODUCERS = {"Conv", "Gemm", "MatMul"}
 
 
 @dataclass(frozen=True)
@@ -59,263 +52,6 @@ class ChannelPlan:
         return cls(keep=keep, skipped=dict(data.get("skipped", {})))
 
 
-@dataclass(frozen=True)
-class _Flow:
-    """Where the pruned channels live in a tensor: ``axis`` (-1: last, rank unknown),
-    ``rank`` if known, and ``block`` features per channel (H*W after Flatten)."""
-
-    axis: int
-    rank: int | None
-    block: int = 1
-
-    def on_axis_one(self) -> bool:
-        return self.axis == 1 or (self.rank is not None and self.axis % self.rank == 1)
-
-    def on_last_axis(self) -> bool:
-        return self.axis == -1 or (self.rank is not None and self.axis == self.rank - 1)
-
-
-@dataclass
-class _Prunable:
-    """A producer that can lose channels, and every constant slice that implies."""
-
-    node: onnx.NodeProto
-    channels: int
-    weight: str
-    weight_axis: int  # the producer weight's output-channel axis
-    slices: list[tuple[str, int, int]]  # (initializer, axis, block) sliced along the channels
-    next_bn: onnx.NodeProto | None  # a BatchNormalization directly after the producer
-
-
-class _Refused(Exception):
-    """Internal: a producer cannot be pruned; the message is the reason."""
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return f"{node.op_type} {node.name}" if node.name else node.op_type
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name the nodes of ``graph`` (and their subgraphs) read."""
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for a in node.attribute:
-            for sub in [a.g] if a.HasField("g") else list(a.graphs):
-                names |= _names_read(sub)
-    return names
-
-
-# ---------------------------------------------------------------- analysis
-
-
-class _Analyser:
-    def __init__(self, fm: FloatModel) -> None:
-        self.fm = fm
-        self.index = GraphIndex(fm.proto, fm.weights)
-        self.outputs = set(self.index.graph_outputs)
-        self.inputs = set(self.index.graph_inputs)
-        self.uses: dict[str, int] = {}
-        self.in_subgraph: set[str] = set()  # outer names read inside If/Loop/Scan bodies
-        for node in fm.proto.graph.node:
-            for name in set(node.input):
-                self.uses[name] = self.uses.get(name, 0) + 1
-            for a in node.attribute:
-                for sub in [a.g] if a.HasField("g") else list(a.graphs):
-                    self.in_subgraph |= _names_read(sub)
-        for name in self.in_subgraph:
-            self.uses[name] = self.uses.get(name, 0) + 1
-
-    def constant(self, name: str) -> np.ndarray:
-        """A constant initializer used by exactly one node (safe to slice), or refuse."""
-        arr = self.index.constant(name) if name else None
-        if arr is None:
-            raise _Refused(f"input '{name}' is not a constant initializer")
-        if name in self.inputs:
-            raise _Refused(f"initializer '{name}' is also a graph input (it could be overridden)")
-        if self.uses.get(name, 0) != 1:
-            raise _Refused(f"initializer '{name}' is shared by {self.uses.get(name, 0)} nodes")
-        return arr
-
-    def analyse(self, node: onnx.NodeProto) -> _Prunable:
-        op = node.op_type
-        if op == "Conv":
-            if attr(node, "group", 1) != 1:
-                raise _Refused(f"grouped Conv (group={attr(node, 'group', 1)}): "
-                               "its groups would need pruning alike; refused")
-            w = self.constant(node.input[1])  # (out, in, kh, kw)
-            channels, weight_axis = int(w.shape[0]), 0
-            flow = _Flow(axis=1, rank=w.ndim)
-            slices = [(node.input[1], 0, 1)]
-            if len(node.input) > 2 and node.input[2]:
-                self.constant(node.input[2])  # (out,)
-                slices.append((node.input[2], 0, 1))
-        elif op == "Gemm":
-            w = self.constant(node.input[1])
-            if w.ndim != 2:
-                raise _Refused(f"Gemm weight has rank {w.ndim}, expected 2")
-            weight_axis = 0 if attr(node, "transB", 0) else 1  # (N, K) or (K, N)
-            channels = int(w.shape[weight_axis])
-            flow = _Flow(axis=1, rank=2)
-            slices = [(node.input[1], weight_axis, 1)]
-            if len(node.input) > 2 and node.input[2]:
-                c = self.constant(node.input[2])
-                if c.ndim >= 1 and c.shape[-1] == channels:
-                    slices.append((node.input[2], c.ndim - 1, 1))
-                elif c.size != 1 and not (c.ndim >= 1 and c.shape[-1] == 1):
-                    raise _Refused(f"Gemm bias shape {list(c.shape)} does not broadcast per channel")
-        elif op == "MatMul":
-            w = self.constant(node.input[1])
-            if w.ndim != 2:
-                raise _Refused(f"MatMul weight has rank {w.ndim}, expected a 2-D (K, N) weight")
-            channels, weight_axis = int(w.shape[1]), 1  # (K, N): channels are columns
-            shape = self.index.shape(node.output[0])
-            flow = _Flow(axis=-1 if shape is None else len(shape) - 1,
-                         rank=None if shape is None else len(shape))
-            slices = [(node.input[1], 1, 1)]
-        else:
-            raise _Refused(f"{op} is not a prunable producer (Conv, Gemm, MatMul)")
-        consumers = self.index.consumers.get(node.output[0], [])
-        next_bn = consumers[0] if len(consumers) == 1 and \
-            consumers[0].op_type == "BatchNormalization" else None
-        slices += self._trace(node.output[0], flow, channels)
-        return _Prunable(node, channels, node.input[1], weight_axis, slices, next_bn)
-
-    def _trace(self, start: str, start_flow: _Flow, channels: int) -> list[tuple[str, int, int]]:
-        """Follow the channels from ``start`` to the consumers; every slice it implies."""
-        slices: list[tuple[str, int, int]] = []
-        pending = [(start, start_flow)]
-        while pending:
-            tensor, flow = pending.pop()
-            if tensor in self.in_subgraph:
-                raise _Refused(f"output '{tensor}' is read inside a subgraph (If/Loop/Scan); refused")
-            if tensor in self.outputs:
-                raise _Refused(f"output reaches graph output '{tensor}': "
-                               "pruning would change the model's output shape; refused")
-            for node in self.index.consumers.get(tensor, []):
-                pending += self._step(node, tensor, flow, channels, slices)
-        return slices
-
-    def _step(self, node: onnx.NodeProto, tensor: str, flow: _Flow, channels: int,
-              slices: list[tuple[str, int, int]]) -> list[tuple[str, _Flow]]:
-        """One consumer of the channel-carrying ``tensor``: the tensors it passes the
-        channels on to (empty at a consumer that absorbs them), or refuse."""
-        op, label = node.op_type, _label(node)
-        width = channels * flow.block
-        if op in _ELEMENTWISE:
-            if node.input[0] != tensor or tensor in node.input[1:]:
-                raise _Refused(f"output is a parameter of {label}; refused")
-            if op == "Dropout" and len(node.output) > 1 and node.output[1]:
-                raise _Refused(f"output feeds {label} whose mask output is used; refused")
-            return [(node.output[0], flow)]
-        if op == "BatchNormalization":
-            if node.input[0] != tensor or any(node.output[1:]):
-                raise _Refused(f"output feeds {label} in training mode; refused")
-            if not flow.on_axis_one():
-                raise _Refused(f"output feeds {label}, which normalises axis 1 but the "
-                               "channels are on another axis; refused")
-            for name in node.input[1:5]:
-                if self.constant(name).shape != (width,):
-                    raise _Refused(f"{label} parameter '{name}' does not have {width} entries")
-                slices.append((name, 0, flow.block))
-            return [(node.output[0], flow)]
-        if op in _POOLS:
-            if not flow.on_axis_one() or flow.block != 1:
-                raise _Refused(f"output feeds {label} but the channels are not on axis 1; refused")
-            if len(node.output) > 1 and node.output[1]:
-                raise _Refused(f"output feeds {label} whose indices output is used; refused")
-            return [(node.output[0], flow)]
-        if op in _BINARY:
-            return [(node.output[0], self._binary(node, tensor, flow, width, slices))]
-        if op == "Flatten":
-            return [(node.output[0], self._flatten(node, flow))]
-        if op == "Conv":
-            if node.input[0] != tensor or tensor in node.input[1:]:
-                raise _Refused(f"output is a parameter of {label}; refused")
-            if attr(node, "group", 1) != 1:
-                raise _Refused(f"output feeds grouped Conv {node.name} "
-                               f"(group={attr(node, 'group', 1)}): its groups would need "
-                               "pruning alike; refused")
-            if not flow.on_axis_one() or flow.block != 1:
-                raise _Refused(f"output feeds {label} but the channels are not on axis 1; refused")
-            self._consumer_weight(node, node.input[1], 1, width, flow, slices)
-            return []
-        if op == "Gemm":
-            if node.input[0] != tensor or tensor in node.input[1:] or attr(node, "transA", 0):
-                raise _Refused(f"output feeds {label} other than as its untransposed input A; refused")
-            axis = 1 if attr(node, "transB", 0) else 0  # (N, K) or (K, N): input features
-            self._consumer_weight(node, node.input[1], axis, width, flow, slices)
-            return []
-        if op == "MatMul":
-            if node.input[0] != tensor or tensor in node.input[1:]:
-                raise _Refused(f"output feeds {label} as its right operand; refused")
-            if not flow.on_last_axis():
-                raise _Refused(f"output feeds {label}, which contracts the last axis, but the "
-                               "channels are on another axis; refused")
-            if self.index.constant(node.input[1]) is None:
-                raise _Refused(f"output feeds {label} whose weight is not constant; refused")
-            self._consumer_weight(node, node.input[1], 0, width, flow, slices)
-            return []
-        reasons = {
-            "Concat": "channels would shift in the concatenated tensor",
-            "Reshape": "a reshape regroups the channels",
-            "Transpose": "a transpose moves the channel axis",
-            "Softmax": "softmax normalises across the channels",
-        }
-        why = reasons.get(op, "lowbit cannot slice channels through it")
-        raise _Refused(f"output feeds {label}: {why}; refused")
-
-    def _consumer_weight(self, node: onnx.NodeProto, name: str, axis: int, width: int,
-                         flow: _Flow, slices: list[tuple[str, int, int]]) -> None:
-        w = self.constant(name)
-        if w.ndim != 2 and node.op_type != "Conv":
-            raise _Refused(f"{_label(node)} weight has rank {w.ndim}, expected 2; refused")
-        if w.shape[axis] != width:
-            raise _Refused(f"{_label(node)} weight axis {axis} has {w.shape[axis]} entries, "
-                           f"expected {width}; refused")
-        slices.append((name, axis, flow.block))
-
-    def _binary(self, node: onnx.NodeProto, tensor: str, flow: _Flow, width: int,
-                slices: list[tuple[str, int, int]]) -> _Flow:
-        """Add/Sub/Mul/Div with a constant operand is a per-channel bias/scale; with two
-        computed operands it joins branches (a residual) and is refused."""
-        other = [x for x in node.input if x != tensor]
-        const = self.index.constant(other[0]) if len(other) == 1 else None
-        if const is None:
-            raise _Refused(f"output feeds {_label(node)} (residual): pruning would need both "
-                           "branches pruned alike; refused")
-        const = self.constant(other[0])
-        if flow.rank is not None and const.ndim > flow.rank:
-            raise _Refused(f"output feeds {_label(node)} whose constant raises the rank; refused")
-        if flow.axis == -1:
-            at = const.ndim - 1
-        elif flow.rank is None:
-            raise _Refused(f"output feeds {_label(node)} and the tensor's rank is unknown; refused")
-        else:
-            at = flow.axis % flow.rank - (flow.rank - const.ndim)
-        if at >= 0 and const.shape[at] == width:
-            slices.append((other[0], at, flow.block))
-        elif at >= 0 and const.shape[at] != 1:
-            raise _Refused(f"output feeds {_label(node)} whose constant has shape "
-                           f"{list(const.shape)}, not per channel; refused")
-        return flow
-
-    def _flatten(self, node: onnx.NodeProto, flow: _Flow) -> _Flow:
-        shape = self.index.shape(node.input[0])
-        if shape is None:
-            raise _Refused(f"output feeds {_label(node)} and its input shape is unknown "
-                           "(shape inference could not tell H*W); refused")
-        axis = attr(node, "axis", 1) % max(len(shape), 1)
-        if axis != 1 or not flow.on_axis_one():
-            raise _Refused(f"output feeds {_label(node)} whose axis does not start at the "
-                           "channels; refused")
-        rest = shape[2:]
-        if not all(isinstance(d, int) for d in rest):
-            raise _Refused(f"output feeds {_label(node)} and H*W is not known "
-                           f"(input shape {shape}); refused")
-        return _Flow(axis=1, rank=2, block=flow.block * math.prod(rest))
-
-
 # ---------------------------------------------------------------- plan
 
 
@@ -329,12 +65,12 @@ def _validate_options(ratio: float, importance: Any, min_channels: int) -> Chann
     return mode
 
 
-def _channel_scores(fm: FloatModel, item: _Prunable, mode: ChannelImportance) -> np.ndarray:
+def _channel_scores(fm: FloatModel, item: Prunable, mode: ChannelImportance) -> np.ndarray:
     """One score per output channel (higher = more important)."""
     if mode is ChannelImportance.BN:
         if item.next_bn is None:
-            raise _Refused(f"importance 'bn' needs a BatchNormalization directly after "
-                           f"{_label(item.node)}; none found")
+            raise Refused(f"importance 'bn' needs a BatchNormalization directly after "
+                           f"{node_label(item.node)}; none found")
         gamma = fm.constant(item.next_bn.input[1])  # (C,)
         return np.abs(np.asarray(gamma, dtype=np.float64))
     w = np.moveaxis(np.asarray(fm.constant(item.weight), dtype=np.float64), item.weight_axis, 0)
@@ -366,20 +102,20 @@ def plan_channel_pruning(fm: FloatModel, *, ratio: float, importance: str = "l1"
         unknown = sorted(set(layers) - {k for k, _ in nodes})
         if unknown:
             raise ValidationError(f"layers: no node named {', '.join(map(repr, unknown))}")
-    analyser = _Analyser(fm)
+    analyser = ChannelAnalyser(fm)
     keep: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     for key, node in nodes:
         if layers is not None and key not in layers:
             continue
-        if node.op_type not in _PRODUCERS:
+        if node.op_type not in PRODUCERS:
             if layers is not None:
                 skipped[key] = f"{node.op_type} is not a prunable producer (Conv, Gemm, MatMul)"
             continue
         try:
             item = analyser.analyse(node)
             scores = _channel_scores(fm, item, mode)
-        except _Refused as exc:
+        except Refused as exc:
             skipped[key] = str(exc)
             continue
         n = item.channels
@@ -402,7 +138,7 @@ def _expand(kept: np.ndarray, block: int) -> np.ndarray:
 def apply_channel_pruning(fm: FloatModel, plan: ChannelPlan) -> FloatModel:
     """A new, smaller FloatModel with only ``plan.keep``'s channels; ``fm`` is untouched."""
     by_key = dict(_prunable_nodes(fm))
-    analyser = _Analyser(fm)
+    analyser = ChannelAnalyser(fm)
     cuts: dict[str, list[tuple[int, np.ndarray]]] = {}
     for key, kept in plan.keep.items():
         node = by_key.get(key)
@@ -410,7 +146,7 @@ def apply_channel_pruning(fm: FloatModel, plan: ChannelPlan) -> FloatModel:
             raise ValidationError(f"plan names node {key!r}, which is not in the model")
         try:
             item = analyser.analyse(node)
-        except _Refused as exc:
+        except Refused as exc:
             raise ValidationError(f"plan prunes {key!r}, which cannot be pruned: {exc}") from None
         kept = np.asarray(kept, dtype=np.int64)
         if kept.ndim != 1 or kept.size == 0 or np.any(np.diff(kept) <= 0) \

@@ -1,50 +1,20 @@
-"""The ``lowbit`` command line: ``lowbit <verb> MODEL -o OUT [options]``.
-
-Exit codes: 0 success, 1 the work failed (e.g. ``--require`` not met),
-2 a usage or input error. Errors print one line; ``--debug`` shows tracebacks.
-"""
+"""Verbs that write a model: demo, quantize, prune, cluster, compress, unpack, sensitivity."""
 
 from __future__ import annotations
 
-import json
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import typer
-from rich.console import Console
 
-from lowbit.errors import LowbitError, TargetNotMetError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Make trained neural networks smaller and faster, and prove it.")
-out_console = Console()
-err_console = Console(stderr=True)
-
-
-@contextmanager
-def _progress(enabled: bool) -> Any:
-    """Yields a callback (stage, done, total) that drives a rich progress bar."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    tasks: dict[str, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=err_console, transient=True) as bar:
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        yield update
-
-
-def _emit(report: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+from lowbit.cli.common import (
+    app,
+    check_output,
+    emit,
+    finish,
+    out_console,
+    parse_nm,
+    progress_bar,
+)
 
 
 @app.command()
@@ -64,7 +34,7 @@ def demo(
     from lowbit.demo import run_demo
 
     show = not quiet and not as_json
-    with _progress(show) as update:
+    with progress_bar(show) as update:
         def on_epoch(done: int, total: int, loss: float) -> None:
             if update is not None:
                 update(f"training (loss {loss:.3f})", done, total)
@@ -76,7 +46,7 @@ def demo(
         render_quantize(report, out_console, title="digits CNN: float vs INT8")
         out_console.print(f"wrote {output}/digits_cnn.float.onnx, {output}/digits_cnn.int8.onnx, "
                           f"{output}/report.json in {report['seconds']['demo_total']:.1f} s")
-    _emit(report, as_json)
+    emit(report, as_json)
 
 
 @app.command()
@@ -128,7 +98,7 @@ def quantize(
     from lowbit.api import read_mixed_plan
     from lowbit.config import Int8Config, StageConfig, WeightOnlyConfig
 
-    _check_output(output)
+    check_output(output)
     config: StageConfig
     if plan is not None:
         config = read_mixed_plan(plan)
@@ -150,49 +120,11 @@ def quantize(
                             weight_granularity=weights, min_cosine=min_cosine, max_drop=max_drop)
         label = "INT8"
     show = not quiet and not as_json
-    with _progress(show) as update:
+    with progress_bar(show) as update:
         result = api_quantize(str(model), str(data), config=config,
                               eval_data=str(eval_data) if eval_data else None,
                               threads=threads, batch=batch, progress=update)
-    _finish(result, output, show, as_json, require, f"float vs {label}", label)
-
-
-def _finish(result: Any, output: Path, show: bool, as_json: bool, require: bool, title: str,
-            label: str | None = None) -> None:
-    """Save the result, print its table (or JSON), and apply --require."""
-    result.save(output)
-    report = result.report
-    if show:
-        from lowbit.report.table import render_compression, render_quantize
-
-        if label is not None:
-            render_quantize(report, out_console, title=title, label=label)
-        else:
-            render_compression(report, out_console, title=title)
-        out_console.print(f"wrote {output} and {output.parent / 'report.json'}")
-    _emit(report, as_json)
-    flags = report.get("verification", {}).get("flags", [])
-    if require and flags:
-        raise TargetNotMetError("--require: the report flags " + "; ".join(f["kind"] for f in flags))
-
-
-def _check_output(output: Path) -> None:
-    from lowbit.errors import ValidationError
-
-    if not output.parent.is_dir():
-        raise ValidationError(f"option --output: folder does not exist: {output.parent}")
-
-
-def _parse_nm(nm: str | None) -> tuple[int, int] | None:
-    from lowbit.errors import ValidationError
-
-    if not nm:
-        return None
-    try:
-        n, m = (int(v) for v in nm.split(":"))
-    except ValueError:
-        raise ValidationError(f"option --nm: {nm!r} must look like 2:4") from None
-    return n, m
+    finish(result, output, show, as_json, require, f"float vs {label}", label)
 
 
 @app.command()
@@ -219,14 +151,14 @@ def prune(
     """
     from lowbit.api import prune as api_prune
 
-    _check_output(output)
+    check_output(output)
     show = not quiet and not as_json
-    with _progress(show) as update:
+    with progress_bar(show) as update:
         cm = api_prune(str(model), str(data) if data else None, sparsity=sparsity,
                        structured=structured, importance=importance, scope=scope,
-                       nm=_parse_nm(nm), epochs=epochs, lr=lr, threads=threads,
+                       nm=parse_nm(nm), epochs=epochs, lr=lr, threads=threads,
                        eval_data=str(eval_data) if eval_data else None, progress=update)
-    _finish(cm, output, show, as_json, require, "original vs pruned")
+    finish(cm, output, show, as_json, require, "original vs pruned")
 
 
 @app.command()
@@ -251,13 +183,13 @@ def cluster(
     """
     from lowbit.api import cluster as api_cluster
 
-    _check_output(output)
+    check_output(output)
     show = not quiet and not as_json
-    with _progress(show) as update:
+    with progress_bar(show) as update:
         cm = api_cluster(str(model), str(data) if data else None, bits=bits, epochs=epochs, lr=lr,
                          init=init, threads=threads,
                          eval_data=str(eval_data) if eval_data else None, progress=update)
-    _finish(cm, output, show, as_json, require, "original vs clustered")
+    finish(cm, output, show, as_json, require, "original vs clustered")
 
 
 @app.command()
@@ -281,13 +213,13 @@ def compress(
     """
     from lowbit.api import compress as api_compress
 
-    _check_output(output)
+    check_output(output)
     show = not quiet and not as_json
-    with _progress(show) as update:
+    with progress_bar(show) as update:
         cm = api_compress(str(model), str(data) if data else None, sparsity=sparsity, bits=bits,
                           epochs=epochs, lr=lr, threads=threads,
                           eval_data=str(eval_data) if eval_data else None, progress=update)
-    _finish(cm, output, show, as_json, require, "original vs compressed")
+    finish(cm, output, show, as_json, require, "original vs compressed")
 
 
 @app.command()
@@ -302,7 +234,7 @@ def unpack(
     from lowbit.container import read_lbz
     from lowbit.fileio import write_bytes_atomic
 
-    _check_output(output)
+    check_output(output)
     proto = read_lbz(model)
     write_bytes_atomic(output, proto.SerializeToString())
     out_console.print(f"wrote {output} ({output.stat().st_size:,} bytes) from {model} "
@@ -330,8 +262,8 @@ def sensitivity(
     from lowbit.api import sensitivity as api_sensitivity
     from lowbit.fileio import write_json_atomic
 
-    _check_output(output)
-    with _progress(not quiet) as update:
+    check_output(output)
+    with progress_bar(not quiet) as update:
         plan = api_sensitivity(str(model), str(data), min_cosine=min_cosine, max_bits=max_bits,
                                group_size=group_size, progress=update)
     write_json_atomic(output, plan)
@@ -345,105 +277,3 @@ def sensitivity(
         out_console.print(table)
         out_console.print(f"wrote {output}")
 
-
-@app.command()
-def bench(
-    models: list[Path] = typer.Argument(..., help="ONNX models; ratios are against the first."),
-    data: Path | None = typer.Option(None, "--data", help=".npz inputs (with 'y' for accuracy)."),
-    batch: int = typer.Option(8, help="Batch size."),
-    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads."),
-    iterations: int = typer.Option(50, help="Timed runs per model (at least)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Latency (p50/p90), throughput, size and accuracy, side by side.
-
-    Example: lowbit bench model.onnx model.int8.onnx --data test.npz
-    """
-    from lowbit.api import bench as api_bench
-
-    result = api_bench([str(m) for m in models], data=str(data) if data else None,
-                       batch=batch, threads=threads, iterations=iterations)
-    if as_json:
-        _emit(result, True)
-    else:
-        from lowbit.report.table import render_bench
-
-        render_bench(result, out_console)
-
-
-@app.command(name="eval")
-def evaluate(
-    model: Path = typer.Argument(..., help="ONNX model."),
-    data: Path = typer.Option(..., "--data", help=".npz with 'x' and 'y'."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Accuracy of a model on labelled data.
-
-    Example: lowbit eval model.int8.onnx --data test.npz
-    """
-    from lowbit.api import evaluate as api_evaluate
-
-    result = api_evaluate(str(model), str(data))
-    if as_json:
-        _emit(result, True)
-    else:
-        acc = result.get("accuracy")
-        out_console.print(f"{model}: {result['samples']} samples"
-                          + (f", accuracy {100 * acc:.2f}%" if acc is not None else
-                             " (no labels 'y': no accuracy)"))
-
-
-@app.command()
-def inspect(
-    model: Path = typer.Argument(..., help="ONNX model."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Operators, parameters, dtypes, per-layer sizes; what is quantized and why not.
-
-    Example: lowbit inspect model.int8.onnx
-    """
-    from lowbit.report.inspect import inspect_file
-
-    info = inspect_file(model)
-    if as_json:
-        _emit(info, True)
-    else:
-        from lowbit.report.table import render_inspect
-
-        render_inspect(info, out_console)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
-    if debug:
-        args.remove("--debug")
-    try:
-        # standalone mode: typer/click print usage errors themselves and exit 2
-        app(args=args, prog_name="lowbit", standalone_mode=True)
-    except LowbitError as exc:
-        if debug:
-            raise
-        err_console.print("error: " + str(exc), markup=False, emoji=False, highlight=False,
-                          soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            return int(exc.code or 0)
-        err_console.print(str(exc.code))
-        return 1
-    except Exception as exc:  # anything unexpected: one line, not a traceback
-        if debug:
-            raise
-        err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for "
-                          "the traceback)", markup=False, emoji=False, highlight=False,
-                          soft_wrap=True)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
