@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from common import digits_upsampled, time_side_by_side, train  # noqa: I001
-from lowbit.workflow import compress, prune
+from lowbit.api import compress, prune
 
 import lowbit
 from lowbit.backends.torch.export import export_module
@@ -46,7 +46,7 @@ def _deep_compression_case(tmp: Path, label: str, module, x_tr, y_tr, x_te, y_te
     ref = lowbit.evaluate(cm.model, (x_te, y_te))["accuracy"]
     got = lowbit.evaluate(decoded, (x_te, y_te))["accuracy"]
     ratio = float_path.stat().st_size / lbz.stat().st_size
-    acc = cm.report["agreement"]["accuracy"]
+    acc = cm.report["verification"]["agreement"]["accuracy"]
     params = sum(r["params"] for r in cm.report["layers"])
     return {"ratio": ratio, "acc": acc, "secs": secs, "roundtrip_ok": ref == got,
             "float_bytes": float_path.stat().st_size, "lbz_bytes": lbz.stat().st_size,
@@ -128,7 +128,7 @@ def bench_structured(tmp: Path) -> list[dict]:
 
 
 def bench_big_prune_cluster(tmp: Path) -> list[dict]:
-    from lowbit.workflow import cluster
+    from lowbit.api import cluster
 
     from lowbit.models import mlp
 
