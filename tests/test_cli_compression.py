@@ -265,3 +265,19 @@ def test_error_message_with_a_closing_tag_in_a_file_name_is_no_crash(capsys, tmp
     assert rc == 2
     assert str(missing) in err.replace("\n", "")
     assert "Traceback" not in err + stdout
+
+
+def test_regression_compression_table_shows_quality_size_and_latency(work, capsys, tmp_path,
+                                                                     monkeypatch):
+    """The table of prune/cluster/compress read the report's old top-level keys and lost
+    accuracy and latency when they moved under 'verification'."""
+    import lowbit.cli as cli
+
+    monkeypatch.setattr(cli.out_console, "width", 200)
+    out = tmp_path / "p.lbz"
+    rc, stdout, err = run_cli(capsys, "prune", work["onnx"], "--sparsity", "0.5", "-o", out,
+                              "--data", work["train"], "--eval-data", work["test"])
+    assert rc == 0, err
+    for row in ("test accuracy", "top-1 agreement", "weight sparsity", "size: .lbz",
+                "latency p50", "speedup"):
+        assert row in stdout, row

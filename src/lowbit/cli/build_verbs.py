@@ -41,9 +41,9 @@ def demo(
         report = run_demo(output, epochs=epochs, seed=seed, threads=threads, batch=batch,
                           on_epoch=on_epoch, progress=update)
     if show:
-        from lowbit.report.table import render_quantize
+        from lowbit.report.table import render_report
 
-        render_quantize(report, out_console, title="digits CNN: float vs INT8")
+        render_report(report, out_console, title="digits CNN: float vs INT8", label="INT8")
         out_console.print(f"wrote {output}/digits_cnn.float.onnx, {output}/digits_cnn.int8.onnx, "
                           f"{output}/report.json in {report['seconds']['demo_total']:.1f} s")
     emit(report, as_json)

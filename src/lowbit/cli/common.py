@@ -45,17 +45,14 @@ def emit(report: dict[str, Any], as_json: bool) -> None:
 
 
 def finish(result: Any, output: Path, show: bool, as_json: bool, require: bool, title: str,
-            label: str | None = None) -> None:
+           label: str = "compressed") -> None:
     """Save the result, print its table (or JSON), and apply --require."""
     result.save(output)
     report = result.report
     if show:
-        from lowbit.report.table import render_compression, render_quantize
+        from lowbit.report.table import render_report
 
-        if label is not None:
-            render_quantize(report, out_console, title=title, label=label)
-        else:
-            render_compression(report, out_console, title=title)
+        render_report(report, out_console, title=title, label=label)
         out_console.print(f"wrote {output} and {output.parent / 'report.json'}")
     emit(report, as_json)
     flags = report.get("verification", {}).get("flags", [])

@@ -22,73 +22,55 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def render_quantize(report: dict[str, Any], console: Console, title: str = "float vs INT8",
-                    label: str = "INT8") -> None:
+def render_report(report: dict[str, Any], console: Console, title: str,
+                  label: str = "compressed") -> None:
+    """The table of any run's report: quality, sizes, latency; then what the stages
+    decided (calibration, nodes, skipped layers), notes, flags and warnings."""
     ver = report.get("verification", {})
-    ag = ver.get("agreement", {})
-    lat = ver.get("latency", {})
+    ag, lat, sizes = ver.get("agreement", {}), ver.get("latency", {}), report.get("sizes")
     table = Table(title=title)
     table.add_column("metric")
-    table.add_column("float", justify="right")
+    table.add_column("original", justify="right")
     table.add_column(label, justify="right")
     acc = ag.get("accuracy")
     if acc:
         table.add_row("test accuracy", _pct(acc["float"]), _pct(acc["compressed"]))
     if ag.get("top1_agreement") is not None:
-        table.add_row("top-1 agreement with float", "100.00%", _pct(ag["top1_agreement"]))
+        table.add_row("top-1 agreement with the original", "100.00%", _pct(ag["top1_agreement"]))
     if "sqnr_db" in ag:
         table.add_row("output SQNR / cosine", "-", f"{ag['sqnr_db']:.1f} dB / {ag['cosine']:.4f}")
-    size_in = report.get("input", {}).get("size_bytes")
-    size_out = report.get("output", {}).get("size_bytes")
-    table.add_row("size on disk", fmt_bytes(size_in), fmt_bytes(size_out))
+    if sizes:
+        table.add_row("weight sparsity", "-", _pct(report.get("weight_sparsity")))
+        table.add_row("size: ONNX", fmt_bytes(sizes.get("float_onnx_bytes")),
+                      fmt_bytes(sizes.get("compressed_onnx_bytes")))
+        if sizes.get("lbz_bytes"):
+            table.add_row("size: .lbz", "-", f"{fmt_bytes(sizes['lbz_bytes'])} "
+                          f"({sizes.get('lbz_ratio', 0):.1f}x smaller)")
+    table.add_row("size on disk", fmt_bytes(report.get("input", {}).get("size_bytes")),
+                  fmt_bytes(report.get("output", {}).get("size_bytes")))
     if lat:
-        label = f"latency p50 (batch {lat['batch']}, {lat['threads']} thread)"
-        table.add_row(label, f"{lat['float']['p50_ms']:.3f} ms", f"{lat['compressed']['p50_ms']:.3f} ms")
+        table.add_row(f"latency p50 (batch {lat['batch']}, {lat['threads']} thread)",
+                      f"{lat['float']['p50_ms']:.3f} ms", f"{lat['compressed']['p50_ms']:.3f} ms")
         table.add_row("speedup", "1.00x", f"{lat['speedup']:.2f}x")
     console.print(table)
-    cal = report.get("calibration", {})
-    counts = report.get("nodes", {}).get("counts", {})
-    if cal.get("method"):
-        console.print(
-            f"calibration: {cal['method']} ({cal.get('samples')} samples"
-            + (f"; output SQNR by method: {cal['sqnr_db_by_method']}"
-               if cal.get("sqnr_db_by_method") else "") + ")")
-    else:
-        console.print("calibration: not used (no statically quantized tensor in the result)")
-    console.print(f"nodes: {counts}")
-    for flag in ver.get("flags", []):
-        console.print(f"[yellow]warning ({flag['kind']}):[/yellow] {flag['message']}")
-    for note in report.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {note}")
-
-
-def render_compression(report: dict[str, Any], console: Console, title: str) -> None:
-    sizes, ag, lat = report.get("sizes", {}), report.get("agreement", {}), report.get("latency", {})
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("original", justify="right")
-    table.add_column("compressed", justify="right")
-    acc = ag.get("accuracy")
-    if acc:
-        table.add_row("accuracy", _pct(acc["float"]), _pct(acc["compressed"]))
-    if ag.get("top1_agreement") is not None:
-        table.add_row("top-1 agreement", "100.00%", _pct(ag["top1_agreement"]))
-    table.add_row("weight sparsity", "-", _pct(report.get("weight_sparsity")))
-    table.add_row("size: ONNX", fmt_bytes(sizes.get("float_onnx_bytes")),
-                  fmt_bytes(sizes.get("compressed_onnx_bytes")))
-    table.add_row("size: .lbz", "-", f"{fmt_bytes(sizes.get('lbz_bytes'))} "
-                  f"({sizes.get('lbz_ratio', 0):.1f}x smaller)")
-    if lat:
-        table.add_row(f"float latency p50 (batch {lat['batch']}, {lat['threads']} thread)",
-                      f"{lat['original']['p50_ms']:.3f} ms", f"{lat['compressed']['p50_ms']:.3f} ms")
-        table.add_row("speedup", "1.00x", f"{lat['speedup']:.2f}x")
-    console.print(table)
+    if "nodes" in report:
+        cal = report.get("calibration", {})
+        if cal.get("method"):
+            console.print(
+                f"calibration: {cal['method']} ({cal.get('samples')} samples"
+                + (f"; output SQNR by method: {cal['sqnr_db_by_method']}"
+                   if cal.get("sqnr_db_by_method") else "") + ")")
+        else:
+            console.print("calibration: not used (no statically quantized tensor in the result)")
+        console.print(f"nodes: {report['nodes'].get('counts', {})}")
     for name, why in report.get("skipped", {}).items():
         console.print(f"skipped {name}: {why}")
     for note in report.get("notes", []):
         console.print(f"note: {note}")
-    for flag in report.get("flags", []):
+    for flag in ver.get("flags", []):
         console.print(f"[yellow]warning ({flag['kind']}):[/yellow] {flag['message']}")
+    for note in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {note}")
 
 
 def render_bench(result: dict[str, Any], console: Console) -> None:

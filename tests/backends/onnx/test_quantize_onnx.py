@@ -16,7 +16,8 @@ from ort_oracle import sqnr as _sqnr
 
 import lowbit
 from lowbit import models
-from lowbit.backends.onnx.session import optimized_op_counts, unfused_qdq
+from lowbit.backends.onnx.session import op_counts, optimized_graph
+from lowbit.backends.onnx.session import unfused_qdq as _unfused_in
 from lowbit.backends.torch.export import export_module
 from lowbit.backends.torch.train import train_classifier
 from lowbit.data import Dataset, digits_split
@@ -33,6 +34,14 @@ CONCRETE = ["minmax", "percentile", "mse", "entropy"]
 
 
 
+
+
+def optimized_op_counts(model: onnx.ModelProto):
+    return op_counts(optimized_graph(model)[1])
+
+
+def unfused_qdq(model: onnx.ModelProto) -> list[str]:
+    return _unfused_in(optimized_graph(model)[1])
 
 
 def _top1(ref: np.ndarray, approx: np.ndarray) -> float:

@@ -12,6 +12,7 @@ import onnx
 
 from lowbit.backends.onnx.graph import GraphIndex, attr
 from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.weights import weighted_node
 
 # Ops that apply the same function to every element (any channel axis works).
 _ELEMENTWISE = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Dropout", "Identity"}
@@ -101,48 +102,33 @@ class ChannelAnalyser:
         return arr
 
     def analyse(self, node: onnx.NodeProto) -> Prunable:
-        op = node.op_type
-        if op == "Conv":
-            if attr(node, "group", 1) != 1:
-                raise Refused(f"grouped Conv (group={attr(node, 'group', 1)}): "
-                               "its groups would need pruning alike; refused")
-            w = self.constant(node.input[1])  # (out, in, kh, kw)
-            channels, weight_axis = int(w.shape[0]), 0
-            flow = _Flow(axis=1, rank=w.ndim)
-            slices = [(node.input[1], 0, 1)]
-            if len(node.input) > 2 and node.input[2]:
-                self.constant(node.input[2])  # (out,)
-                slices.append((node.input[2], 0, 1))
-        elif op == "Gemm":
-            w = self.constant(node.input[1])
-            if w.ndim != 2:
-                raise Refused(f"Gemm weight has rank {w.ndim}, expected 2")
-            weight_axis = 0 if attr(node, "transB", 0) else 1  # (N, K) or (K, N)
-            channels = int(w.shape[weight_axis])
-            flow = _Flow(axis=1, rank=2)
-            slices = [(node.input[1], weight_axis, 1)]
-            if len(node.input) > 2 and node.input[2]:
-                c = self.constant(node.input[2])
-                if c.ndim >= 1 and c.shape[-1] == channels:
-                    slices.append((node.input[2], c.ndim - 1, 1))
-                elif c.size != 1 and not (c.ndim >= 1 and c.shape[-1] == 1):
-                    raise Refused(f"Gemm bias shape {list(c.shape)} does not broadcast per channel")
-        elif op == "MatMul":
-            w = self.constant(node.input[1])
-            if w.ndim != 2:
-                raise Refused(f"MatMul weight has rank {w.ndim}, expected a 2-D (K, N) weight")
-            channels, weight_axis = int(w.shape[1]), 1  # (K, N): channels are columns
+        item = weighted_node(node, 0, self.index)  # the one "has a constant weight" rule
+        if isinstance(item, str):
+            raise Refused(item)
+        if node.op_type == "Conv" and attr(node, "group", 1) != 1:
+            raise Refused(f"grouped Conv (group={attr(node, 'group', 1)}): "
+                          "its groups would need pruning alike; refused")
+        w = self.constant(item.weight)  # slicing also needs it unshared and not an input
+        channels = int(w.shape[item.out_axis])
+        slices = [(item.weight, item.out_axis, 1)]
+        if node.op_type == "MatMul":  # (K, N): channels are columns, on the output's last axis
             shape = self.index.shape(node.output[0])
             flow = _Flow(axis=-1 if shape is None else len(shape) - 1,
                          rank=None if shape is None else len(shape))
-            slices = [(node.input[1], 1, 1)]
-        else:
-            raise Refused(f"{op} is not a prunable producer (Conv, Gemm, MatMul)")
+        else:  # Conv (out, in, kh, kw) and Gemm: channels on axis 1 of the output
+            flow = _Flow(axis=1, rank=w.ndim if node.op_type == "Conv" else 2)
+        if item.bias is not None:
+            c = self.constant(item.bias)
+            if c.ndim >= 1 and c.shape[-1] == channels:
+                slices.append((item.bias, c.ndim - 1, 1))
+            elif c.size != 1 and not (c.ndim >= 1 and c.shape[-1] == 1):
+                raise Refused(f"{node.op_type} bias shape {list(c.shape)} does not broadcast "
+                              "per channel")
         consumers = self.index.consumers.get(node.output[0], [])
         next_bn = consumers[0] if len(consumers) == 1 and \
             consumers[0].op_type == "BatchNormalization" else None
         slices += self._trace(node.output[0], flow, channels)
-        return Prunable(node, channels, node.input[1], weight_axis, slices, next_bn)
+        return Prunable(node, channels, item.weight, item.out_axis, slices, next_bn)
 
     def _trace(self, start: str, start_flow: _Flow, channels: int) -> list[tuple[str, int, int]]:
         """Follow the channels from ``start`` to the consumers; every slice it implies."""

@@ -101,28 +101,24 @@ def run_batches(session: Any, data: Any, batch_size: int = 64) -> list[np.ndarra
     return [np.concatenate(p) for p in parts]
 
 
-def optimized_op_counts(model: onnx.ModelProto, *, threads: int = 1) -> Counter[str]:
-    """Op types of the graph ONNX Runtime actually runs after its fusions."""
+def optimized_graph(model: Any, *, threads: int = 1) -> tuple[Any, onnx.ModelProto]:
+    """(a session, the graph ONNX Runtime runs after its fusions): one session does both."""
     with tempfile.TemporaryDirectory(prefix="lowbit-opt-") as tmp:
         path = str(Path(tmp) / "optimized.onnx")
-        make_session(model, threads=threads, optimized_path=path)
-        optimized = onnx.load(path, load_external_data=False)
-    return Counter(
-        (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}")
-        for n in optimized.graph.node
-    )
+        session = make_session(model, threads=threads, optimized_path=path, name="compressed model")
+        return session, onnx.load(path, load_external_data=False)
 
 
-def unfused_qdq(model: onnx.ModelProto) -> list[str]:
-    """Float compute ops that ONNX Runtime still feeds from DequantizeLinear.
+def op_counts(graph: onnx.ModelProto) -> Counter[str]:
+    """Op types of an (optimized) graph, domain-qualified outside the default domain."""
+    return Counter((n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}")
+                   for n in graph.graph.node)
 
-    These are QDQ patterns it did not fuse into integer kernels: they run in
-    float *and* pay for the (de)quantization.
-    """
-    with tempfile.TemporaryDirectory(prefix="lowbit-opt-") as tmp:
-        path = str(Path(tmp) / "optimized.onnx")
-        make_session(model, threads=1, optimized_path=path)
-        optimized = onnx.load(path, load_external_data=False)
+
+def unfused_qdq(optimized: onnx.ModelProto) -> list[str]:
+    """Float compute ops that ONNX Runtime still feeds from DequantizeLinear in its
+    optimized graph: QDQ patterns it did not fuse into integer kernels, which run in
+    float *and* pay for the (de)quantization."""
     producer = {o: n for n in optimized.graph.node for o in n.output}
     compute = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "Add", "Mul"}
     unfused = []

@@ -25,21 +25,17 @@ from lowbit.backends.onnx.graph import (
 )
 from lowbit.backends.onnx.session import make_session
 from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.weights import weighted_nodes
 from lowbit.data import Dataset
 
 
 def _matmul_consumers(fm: FloatModel) -> dict[str, list[onnx.NodeProto]]:
-    index = GraphIndex(fm.proto, fm.weights)
+    """MatMul/Gemm layers with a usable constant weight, grouped by their input."""
+    constants = {t.name for t in fm.proto.graph.initializer}
     groups: dict[str, list[onnx.NodeProto]] = {}
-    for node in fm.proto.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        if node.op_type == "Gemm" and attr(node, "transA", 0):
-            continue
-        w = node.input[1]
-        if w in index.initializers and len(index.initializers[w].dims) == 2 and \
-                node.input[0] not in index.initializers:
-            groups.setdefault(node.input[0], []).append(node)
+    for item in weighted_nodes(fm)[0]:
+        if item.op_type in ("MatMul", "Gemm") and item.node.input[0] not in constants:
+            groups.setdefault(item.node.input[0], []).append(item.node)
     return groups
 
 
