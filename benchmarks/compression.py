@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 from common import digits_upsampled, time_side_by_side, train  # noqa: I001
-from lowbit.api import compress, prune
 
 import lowbit
+from lowbit.api import compress, prune
 from lowbit.backends.torch.export import export_module
 from lowbit.data import digits_split
 
@@ -129,7 +129,6 @@ def bench_structured(tmp: Path) -> list[dict]:
 
 def bench_big_prune_cluster(tmp: Path) -> list[dict]:
     from lowbit.api import cluster
-
     from lowbit.models import mlp
 
     sizes = (1024, 3072, 3072, 2048, 1000)
