@@ -140,7 +140,7 @@ def read_mixed_plan(path: str | os.PathLike[str]) -> MixedPrecisionConfig:
         raise ValidationError(f"plan file {p} is not valid JSON: {exc}") from None
     if not isinstance(plan, dict) or not isinstance(plan.get("layers"), dict):
         raise ValidationError(f"plan file {p}: expected an object with a 'layers' mapping")
-    return MixedPrecisionConfig(layers=plan["layers"], group_size=int(plan.get("group_size", 128)))
+    return MixedPrecisionConfig(layers=plan["layers"], group_size=plan.get("group_size", 128))
 
 
 def sensitivity(model: Any, data: Any, *, min_cosine: float | None = None,

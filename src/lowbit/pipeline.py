@@ -29,8 +29,10 @@ from lowbit.backends.onnx.store import FloatModel
 from lowbit.backends.onnx.writer import write_model
 from lowbit.config import (
     ChannelImportance,
+    ClusterConfig,
     Int8Config,
     MixedPrecisionConfig,
+    PruneConfig,
     StageConfig,
     StructuredPruneConfig,
     WeightOnlyConfig,
@@ -108,6 +110,11 @@ def check_stages(stages: Sequence[StageConfig]) -> None:
     quant = [i for i, c in enumerate(stages) if isinstance(c, QUANTIZE_CONFIGS)]
     if len(quant) > 1 or (quant and quant[0] != len(stages) - 1):
         raise ValidationError("a run quantizes at most once, as its last stage")
+    clustered = [i for i, c in enumerate(stages) if isinstance(c, ClusterConfig)]
+    pruned = [i for i, c in enumerate(stages) if isinstance(c, (PruneConfig, StructuredPruneConfig))]
+    if clustered and pruned and max(pruned) > min(clustered):
+        raise ValidationError("prune before clustering: pruning a clustered model would undo "
+                              "its shared values (stage order)")
 
 
 def _datasets(fm: FloatModel, data: Any, eval_data: Any, stages: Sequence[StageConfig]
@@ -122,7 +129,9 @@ def _datasets(fm: FloatModel, data: Any, eval_data: Any, stages: Sequence[StageC
     if dataset is not None:
         check_token_ids(fm, dataset)
     if eval_data is not None:
-        return dataset, as_dataset(eval_data, specs), True
+        held = as_dataset(eval_data, specs)
+        check_token_ids(fm, held)
+        return dataset, held, True
     if dataset is None:
         return None, None, False
     return split_holdout(dataset, HOLDOUT_FRACTION)
@@ -136,6 +145,8 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     ``data`` calibrates and fine-tunes; ``eval_data`` verifies (default: the last 20%
     of ``data``, held back from both)."""
     check_stages(stages)
+    if data is None and any(isinstance(c, (Int8Config, MixedPrecisionConfig)) for c in stages):
+        raise ValidationError("quantization needs data (--data) to calibrate and verify")
     for option, value in (("threads", threads), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValidationError(f"option {option}: {value!r} must be an integer >= 1")
@@ -148,11 +159,16 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     ctx = RunContext(fm=fm, original=fm, train=train, threads=threads, batch=batch,
                      progress=progress)
     done: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    weights_fm = ctx.fm  # the float model after the weight stages (a quantize stage is last)
     for config in stages:
+        if isinstance(config, QUANTIZE_CONFIGS):
+            weights_fm = ctx.fm
         t = time.perf_counter()
         settings = handler_for(config)(config, ctx)
         ctx.seconds[config.kind] = time.perf_counter() - t
         done.append((config.to_dict(), settings))
+    if not any(isinstance(c, QUANTIZE_CONFIGS) for c in stages):
+        weights_fm = ctx.fm
     if ctx.plan is not None:
         output = ctx.written if ctx.written is not None else write_model(ctx.fm, ctx.plan)
     else:
@@ -163,12 +179,15 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
 
         lbz = encode(output)
         sections.update(weight_section(ctx.original.joined().ByteSize(),
-                                       output.ByteSize(), len(lbz), ctx.fm))
+                                       output.ByteSize(), len(lbz), weights_fm))
     verification = None
     if verify:
         if progress is not None:
             progress("verifying", 0, 1)
-        verification = verify_model(ctx.original, output, holdout, threads=threads, batch=batch)
+        structured = any(isinstance(c, StructuredPruneConfig) for c in stages)
+        verification = verify_model(ctx.original, output, holdout, threads=threads, batch=batch,
+                                    quantized=ctx.plan is not None,
+                                    claims_speed=ctx.plan is not None or structured)
         if holdout is not None and not separate:
             verification["agreement"]["note"] = ("only one sample was given: verification "
                                                  "reuses the calibration data")
@@ -179,4 +198,4 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
                           sections=sections, plan=ctx.plan, notes=ctx.notes,
                           warnings=ctx.warnings, skipped=ctx.skipped, verification=verification,
                           seconds=ctx.seconds)
-    return CompressedModel(output, report, fm=ctx.fm, original=ctx.original, lbz=lbz)
+    return CompressedModel(output, report, fm=weights_fm, original=ctx.original, lbz=lbz)

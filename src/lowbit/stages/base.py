@@ -79,6 +79,15 @@ class RunContext:
             return False
         return True
 
+    def check_node_names(self, names: tuple[str, ...], option: str) -> None:
+        """Refuse node names the model does not have (``OpType_i`` for unnamed nodes)."""
+        from lowbit.backends.onnx.graph import node_name
+
+        known = {node_name(n, i) for i, n in enumerate(self.fm.proto.graph.node)}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValidationError(f"option {option}: no node named {unknown[:5]} in the model")
+
     def epoch_progress(self, stage: str) -> Callable[[int, int, float], None] | None:
         progress = self.progress
         if progress is None:

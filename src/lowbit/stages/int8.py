@@ -21,6 +21,7 @@ SMOOTHQUANT_ALPHAS = (0.5, 0.7, 0.85)
 
 @register(Int8Config)
 def int8_stage(config: Int8Config, ctx: RunContext) -> dict[str, Any]:
+    ctx.check_node_names(config.exclude_nodes, "exclude_nodes")
     calib = ctx.require_train("quantization").take(0, config.max_calibration_samples)
     outcome = quantize_int8(ctx.fm, calib, config, progress=ctx.progress, threads=ctx.threads)
     if config.has_quality_target:
@@ -90,11 +91,16 @@ def _meet_target(ctx: RunContext, calib: Dataset, config: Int8Config,
     result: SearchResult[Int8Outcome] = meet_quality_target(
         build, first, first.plan.quantized_layers(), score, target, metric=metric,
         progress=ctx.progress)
+    candidate = result.candidate
+    if base is not ctx.fm and not candidate.plan.quantized_layers():
+        # every layer went back to float: the smoothed copy buys nothing, keep the model
+        base, smoothed_inputs, alpha_used = ctx.fm, 0, None
+        candidate = build(tuple(n for n, _ in first.plan.quantized_layers()))
     _report_search(ctx, config, result, smoothed_inputs if base is not ctx.fm else 0, alpha_used,
                    metric)
     if base is not ctx.fm:
         ctx.fm = base  # the smoothed float model is what the plan quantizes
-    return result.candidate
+    return candidate
 
 
 def _report_search(ctx: RunContext, config: Int8Config, result: SearchResult[Any],

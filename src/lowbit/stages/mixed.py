@@ -40,7 +40,8 @@ def mixed_plan(fm: FloatModel, precision: dict[str, Precision], calib: Dataset |
     int8 = {n for n in names if precision.get(n) is Precision.INT8}
     int4 = {n for n in names if precision.get(n) is Precision.INT4}
     plan = build_int8_plan(fm, treatments={"Gemm": Treatment.DYNAMIC, "MatMul": Treatment.DYNAMIC},
-                           exclude=tuple(n for n in names if n not in int8))
+                           keep_float={n: "float in the mixed-precision plan" for n in names
+                                       if n not in int8})
     fill_weights(plan, fm, "channel", reduce_range=lacks_vnni())
     if int4:
         config = WeightOnlyConfig(bits=4, group_size=group_size, embeddings=False,

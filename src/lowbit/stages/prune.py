@@ -78,17 +78,19 @@ def prune_stage(config: PruneConfig, ctx: RunContext) -> dict[str, Any]:
     items = selected_layers(fm, config.layers)
     weights = {w.weight: np.asarray(fm.constant(w.weight)) for w in items}
     masks: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}  # this stage's; earlier stages' skips do not carry over
     for item in items:
         w = weights[item.weight]
         if round(w.size * (1 - config.sparsity)) < 1 and config.nm is None:
-            ctx.skipped[item.weight] = f"too small to prune to {config.sparsity:.0%} ({w.size} weights)"
+            skipped[item.weight] = f"too small to prune to {config.sparsity:.0%} ({w.size} weights)"
         elif config.nm is not None:
             try:
                 masks[item.weight] = _nm(item, w, config.nm)
             except ValidationError as exc:
-                ctx.skipped[item.weight] = str(exc)
+                skipped[item.weight] = str(exc)
+    ctx.skipped.update(skipped)
     if config.nm is None:
-        weights = {n: w for n, w in weights.items() if n not in ctx.skipped}
+        weights = {n: w for n, w in weights.items() if n not in skipped}
         masks = global_masks(weights, config.sparsity) if config.scope is PruneScope.GLOBAL \
             else {n: layer_mask(w, config.sparsity) for n, w in weights.items()}
     weights = {n: w for n, w in weights.items() if n in masks}

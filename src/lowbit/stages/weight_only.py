@@ -11,6 +11,7 @@ from lowbit.stages.base import RunContext, register
 
 @register(WeightOnlyConfig)
 def weight_only_stage(config: WeightOnlyConfig, ctx: RunContext) -> dict[str, Any]:
+    ctx.check_node_names(config.exclude_nodes, "exclude_nodes")
     calib = ctx.train.take(0, config.max_calibration_samples) if ctx.train is not None else None
     plan = plan_weight_only(ctx.fm, config, calib, threads=ctx.threads, progress=ctx.progress)
     ctx.plan = plan

@@ -117,3 +117,22 @@ def test_weight_only_plan_with_replaced_values_is_what_gets_packed(symmetric):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
     ops = [n.op_type for n in write_model(fm, plan).graph.node]
     assert ops.count("MatMulNBits") == 2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_regression_gather_block_quantized_writes_the_plans_zero_points(bits, symmetric):
+    """The embedding writer dropped zero points: a hand-set asymmetric plan came out wrong."""
+    table = RNG.standard_normal((64, 64)).astype(np.float32) + 0.5
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["t", "ids"], ["y"], name="embed")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+        [numpy_helper.from_array(table, "t")])
+    fm, _ = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plan = plan_weight_only(fm, WeightOnlyConfig(bits=bits, group_size=32), None)
+    plan.tensors["t"] = affine.group_params(table, bits=bits, group_size=32, axis=1,
+                                            symmetric=symmetric)
+    ids = np.arange(64, dtype=np.int64)
+    got = make_session(write_model(fm, plan)).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, _fq(table, plan.tensors["t"]))

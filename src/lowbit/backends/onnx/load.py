@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from lowbit.backends.onnx.checks import check_finite_weights
+from lowbit.backends.onnx.graph import node_name
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.errors import ModelLoadError
 
@@ -72,6 +73,7 @@ def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = Tr
     BatchNorm folded; large weights split out as numpy arrays (see ``store``)."""
     fm = FloatModel.split(model)
     del model  # the caller's proto is not touched; our copy holds no large weights
+    _name_unnamed_nodes(fm.proto)
     model = _constants_to_initializers(fm.proto)
     _bypass_constant_identities(model)
     init_names = {t.name for t in model.graph.initializer}
@@ -104,6 +106,22 @@ def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = Tr
 
     release_memory()
     return fm
+
+
+def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
+    """In place: an unnamed node is named ``OpType_i`` after its position in the file as
+    given, before anything moves, so reports, ``inspect`` of that file, ``layers=`` and
+    ``exclude`` all use one name for it, and the written model keeps it."""
+    used = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if node.name:
+            continue
+        base = name = node_name(node, i)
+        k = 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        used.add(name)
 
 
 def _bypass_constant_identities(model: onnx.ModelProto) -> None:

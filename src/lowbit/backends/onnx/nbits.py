@@ -70,6 +70,12 @@ def _gather(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant, plan: Quantiz
     table = str(item.weight)
     inputs = [w.const(f"{table}_q{q.bits}", data), node.input[1],
               w.const(f"{table}_scales", q.scales.astype(np.float32))]
+    if not np.all(q.zero_points == 2 ** (q.bits - 1)):  # not the kernel's default zero point
+        zp = q.zero_points.astype(np.uint8)  # (rows, blocks)
+        if q.bits == 4:
+            zp = np.pad(zp, ((0, 0), (0, zp.shape[1] % 2)))
+            zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        inputs.append(w.const(f"{table}_zero_points", zp))
     w.remove(node)
     w.add(helper.make_node("GatherBlockQuantized", inputs, list(node.output),
                            domain="com.microsoft", name=w.names(f"{item.name}_GatherBlockQuantized"),

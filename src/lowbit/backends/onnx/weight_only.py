@@ -115,11 +115,10 @@ def iter_hessians(fm: FloatModel, items: list[WeightedNode], data: Dataset, *, b
 
 
 def plan_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | None, *,
-                     threads: int = 1, progress: ProgressFn | None = None,
-                     plan: QuantizationPlan | None = None) -> QuantizationPlan:
-    """Add the weight-only quantization of ``fm``'s MatMul/Gemm layers (and, with
-    ``cfg.embeddings``, its embedding tables) to ``plan`` (a new one if None)."""
-    plan = plan if plan is not None else QuantizationPlan()
+                     threads: int = 1, progress: ProgressFn | None = None) -> QuantizationPlan:
+    """The weight-only quantization plan of ``fm``'s MatMul/Gemm layers (and, with
+    ``cfg.embeddings``, its embedding tables)."""
+    plan = QuantizationPlan()
     items, refused = linear_layers(fm, cfg.exclude_nodes)
     for name, op, why in refused:
         plan.decide(name, op, Treatment.FLOAT, why)
@@ -200,6 +199,13 @@ def _plan_embeddings(fm: FloatModel, cfg: WeightOnlyConfig, plan: QuantizationPl
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
             continue
         name, table = node_name(node, i), node.input[0]
+        if name in cfg.exclude_nodes:
+            plan.decide(name, "Gather", Treatment.FLOAT, "excluded by option")
+            continue
+        if table in plan.tensors:  # tied with a MatMul/Gemm weight that has its own grid
+            plan.decide(name, "Gather", Treatment.FLOAT, f"table '{table}' is shared with a "
+                        "quantized MatMul/Gemm and keeps its grid there; the lookup stays float")
+            continue
         t = index.initializers.get(table)
         if t is None or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2 or \
                 node.input[1] in index.initializers:
