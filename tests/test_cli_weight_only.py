@@ -156,3 +156,19 @@ def test_token_ids_outside_the_vocabulary_exit_2(work, capsys, tmp_path):
                          "--mode", "weight-only", "--bits", 4, "--group-size", 32, "--quiet")
     assert rc == 2 and "'input'" in err and str(VOCAB + 3) in err
     assert not out.exists() and not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["--mode", "weight-only", "--calibration", "mse"],
+    ["--mode", "weight-only", "--strict"],
+    ["--mode", "static", "--group-size", "64"],
+    ["--mode", "auto", "--asymmetric"],
+    ["--plan", "plan.json", "--mode", "dynamic"],
+])
+def test_regression_options_that_do_not_apply_are_refused(tmp_path, capsys, args):
+    """The CLI used to ignore options of the other mode (or all of them with --plan)."""
+    rc = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
+               "--data", str(tmp_path / "d.npz"), *args])
+    assert rc == 2
+    assert "does not apply" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()

@@ -33,7 +33,7 @@ CONFIGS = [
     Int8Config(),
     Int8Config(mode="static", calibration="percentile", percentile=99.9,
                weight_granularity="tensor", min_cosine=0.995, smoothquant=False, strict=True,
-               batch_size=4, max_calibration_samples=64, exclude_nodes=["fc1", "fc2"], seed=3),
+               batch_size=4, max_calibration_samples=64, exclude_nodes=["fc1", "fc2"]),
     Int8Config(mode=QuantMode.DYNAMIC, max_drop=0.5),
     WeightOnlyConfig(),
     WeightOnlyConfig(bits=3, group_size=32, algorithm="gptq", symmetric=False, accuracy_level=0,
@@ -256,13 +256,14 @@ def test_nm_not_a_pair_refused_naming_the_option() -> None:
 
 
 def test_symmetric_defaults_per_algorithm() -> None:
-    assert WeightOnlyConfig(algorithm="rtn").symmetric is True
-    assert WeightOnlyConfig(algorithm="gptq").symmetric is True
-    assert WeightOnlyConfig(algorithm="hqq").symmetric is False
-    assert WeightOnlyConfig(algorithm="rtn", symmetric=False).symmetric is False
-    assert WeightOnlyConfig(algorithm="hqq", symmetric=False).symmetric is False
-    # the resolved value is what the dict records
-    assert WeightOnlyConfig(algorithm="hqq").to_dict()["symmetric"] is False
+    assert WeightOnlyConfig(algorithm="rtn").is_symmetric is True
+    assert WeightOnlyConfig(algorithm="gptq").is_symmetric is True
+    assert WeightOnlyConfig(algorithm="hqq").is_symmetric is False
+    assert WeightOnlyConfig(algorithm="rtn", symmetric=False).is_symmetric is False
+    assert WeightOnlyConfig(algorithm="hqq", symmetric=False).is_symmetric is False
+    # None stays None (the algorithm decides), so changing the algorithm later works
+    assert WeightOnlyConfig().replace(algorithm="hqq").is_symmetric is False
+    assert WeightOnlyConfig(algorithm="hqq").to_dict()["symmetric"] is None  # as given
 
 
 def test_hqq_symmetric_refused() -> None:
@@ -301,3 +302,17 @@ def test_parse_enum() -> None:
     assert parse_enum(QuantMode, QuantMode.AUTO, "mode") is QuantMode.AUTO
     with pytest.raises(ValidationError, match="option my_option"):
         parse_enum(QuantMode, 3, "my_option")
+
+
+def test_regression_booleans_and_name_lists_are_checked() -> None:
+    """reduce_range="no" was truthy, and exclude_nodes="fc1" became ('f', 'c', '1')."""
+    with pytest.raises(ValidationError, match="reduce_range"):
+        Int8Config(reduce_range="no")
+    with pytest.raises(ValidationError, match="symmetric"):
+        WeightOnlyConfig(symmetric="no")
+    with pytest.raises(ValidationError, match="exclude_nodes"):
+        Int8Config(exclude_nodes="fc1")
+    with pytest.raises(ValidationError, match="layers"):
+        PruneConfig(layers="fc1")
+    with pytest.raises(ValidationError, match="biases"):
+        ClusterConfig(biases=1)

@@ -148,3 +148,46 @@ def test_the_same_run_twice_gives_byte_identical_files(lenet, tmp_path):
     a = lowbit.run(proto, stages, data=train, verify=False).save(tmp_path / "a.lbz", report=False)
     b = lowbit.run(proto, stages, data=train, verify=False).save(tmp_path / "b.lbz", report=False)
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("later", [StructuredPruneConfig(sparsity=0.25, epochs=1),
+                                   PruneConfig(sparsity=0.5, epochs=1),
+                                   ClusterConfig(bits=4, epochs=1)])
+def test_regression_a_later_training_stage_keeps_earlier_zeros(lenet, later):
+    """Fine-tuning in a later stage regrew the weights an earlier prune stage removed."""
+    proto, train, test = lenet
+    first = lowbit.run(proto, [PruneConfig(sparsity=0.8)], data=train, verify=False)
+    both = lowbit.run(proto, [PruneConfig(sparsity=0.8), later], data=train, eval_data=test,
+                      verify=False)
+    nonzero_before = nonzero_after = 0
+    for name in weight_initializers(both.fm):
+        before = np.asarray(first.fm.constant(name))
+        after = np.asarray(both.fm.constant(name))
+        if before.shape == after.shape:  # (structured pruning slices some)
+            assert np.all(after[before == 0] == 0), name
+        nonzero_before += np.count_nonzero(before)
+        nonzero_after += np.count_nonzero(after)
+    assert nonzero_after <= nonzero_before
+
+
+def test_clustering_before_pruning_is_refused(lenet, counts):
+    with pytest.raises(ValidationError, match="prune before clustering"):
+        lowbit.run(lenet[0], [ClusterConfig(bits=4), PruneConfig(sparsity=0.5)], data=lenet[1])
+    assert counts.calls == {}
+
+
+def test_later_prune_stage_is_not_limited_by_earlier_skips():
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "big"),
+             numpy_helper.from_array(rng.standard_normal((32, 2)).astype(np.float32), "small")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "big"], ["h"]), helper.make_node("MatMul", ["h", "small"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = lowbit.run(model, [PruneConfig(sparsity=0.999), PruneConfig(sparsity=0.5)],
+                        verify=False)
+    small = np.asarray(result.fm.constant("small"))
+    assert int(np.sum(small == 0)) >= 32  # the second stage pruned it, the first skipped it

@@ -91,6 +91,10 @@ def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = F
     >>> cm = prune("lenet.onnx", "train.npz", sparsity=0.9, epochs=5)   # doctest: +SKIP
     >>> cm.save("lenet.pruned.lbz")                                      # doctest: +SKIP
     """
+    if structured and (nm is not None or scope != "layer"):
+        raise ValidationError("options nm and scope apply to unstructured pruning, not structured")
+    if not structured and importance != "l1":
+        raise ValidationError("option importance applies to structured pruning")
     common = dict(sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
                   layers=tuple(layers), seed=seed)
     config: StageConfig = StructuredPruneConfig(importance=importance, **common) if structured \

@@ -104,6 +104,18 @@ def _number(value: Any, option: str, lo: float, hi: float, *, lo_open: bool = Fa
     return float(value)
 
 
+def _bool(value: Any, option: str, *, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ValidationError(f"option {option}: {value!r} must be true or false")
+
+
+def _names(value: Any, option: str) -> tuple[str, ...]:
+    """A tuple of node names; a bare string is refused (it would split into characters)."""
+    if isinstance(value, (str, bytes)) or not all(isinstance(v, str) for v in value):
+        raise ValidationError(f"option {option}: expected a list of node names, got {value!r}")
+    return tuple(value)
+
+
 def _group_size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in GROUP_SIZES:
         raise ValidationError(f"option group_size: {value!r} must be one of "
@@ -209,14 +221,16 @@ class Int8Config(StageConfig):
     batch_size: int = 32
     max_calibration_samples: int = 256
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
-    seed: int = 0
 
     def __post_init__(self) -> None:
         self._set("mode", parse_enum(QuantMode, self.mode, "mode"))
         self._set("calibration", parse_enum(CalibrationMethod, self.calibration, "calibration"))
         self._set("weight_granularity", parse_enum(WeightGranularity, self.weight_granularity,
                                                    "weight_granularity"))
-        self._set("exclude_nodes", tuple(self.exclude_nodes))
+        self._set("exclude_nodes", _names(self.exclude_nodes, "exclude_nodes"))
+        _bool(self.smoothquant, "smoothquant")
+        _bool(self.strict, "strict")
+        _bool(self.reduce_range, "reduce_range", optional=True)
         if self.min_cosine is not None and self.max_drop is not None:
             raise ValidationError("options min_cosine and max_drop: give one quality target")
         if self.min_cosine is not None:
@@ -250,17 +264,24 @@ class WeightOnlyConfig(StageConfig):
     batch_size: int = 8
     max_calibration_samples: int = 256
 
+    @property
+    def is_symmetric(self) -> bool:
+        """``symmetric``, or the algorithm's default when it is None."""
+        if self.symmetric is None:
+            return self.algorithm is not WeightOnlyAlgorithm.HQQ
+        return self.symmetric
+
     def __post_init__(self) -> None:
         _integer(self.bits, "bits", 2, 8)
         _group_size(self.group_size)
         self._set("algorithm", parse_enum(WeightOnlyAlgorithm, self.algorithm, "algorithm"))
+        _bool(self.symmetric, "symmetric", optional=True)
         if self.algorithm is WeightOnlyAlgorithm.HQQ and self.symmetric:
             raise ValidationError("option symmetric: hqq fits a zero point per group and is "
                                   "always asymmetric; drop the option or pick rtn/gptq")
-        if self.symmetric is None:
-            self._set("symmetric", self.algorithm is not WeightOnlyAlgorithm.HQQ)
+        _bool(self.embeddings, "embeddings")
         _integer(self.accuracy_level, "accuracy_level", 0, 4)
-        self._set("exclude_nodes", tuple(self.exclude_nodes))
+        self._set("exclude_nodes", _names(self.exclude_nodes, "exclude_nodes"))
         _integer(self.batch_size, "batch_size", 1)
         _integer(self.max_calibration_samples, "max_calibration_samples", 1)
 
@@ -314,7 +335,7 @@ class PruneConfig(_Training, StageConfig):
                                          for v in pair) or not 1 <= pair[0] < pair[1]:
                 raise ValidationError(f"option nm (n:m): need integers 1 <= n < m, got {self.nm!r}")
             self._set("nm", (int(pair[0]), int(pair[1])))
-        self._set("layers", tuple(self.layers))
+        self._set("layers", _names(self.layers, "layers"))
         self._check_training()
 
     @property
@@ -338,7 +359,7 @@ class StructuredPruneConfig(_Training, StageConfig):
         _number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
         self._set("importance", parse_enum(ChannelImportance, self.importance, "importance"))
         _integer(self.min_channels, "min_channels", 1)
-        self._set("layers", tuple(self.layers))
+        self._set("layers", _names(self.layers, "layers"))
         self._check_training()
 
 
@@ -357,5 +378,6 @@ class ClusterConfig(_Training, StageConfig):
     def __post_init__(self) -> None:
         _integer(self.bits, "bits", 1, 8)
         self._set("init", parse_enum(ClusterInit, self.init, "init"))
-        self._set("layers", tuple(self.layers))
+        _bool(self.biases, "biases")
+        self._set("layers", _names(self.layers, "layers"))
         self._check_training()

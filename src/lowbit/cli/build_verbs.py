@@ -14,6 +14,7 @@ from lowbit.cli.common import (
     out_console,
     parse_nm,
     progress_bar,
+    refuse_options,
 )
 
 
@@ -59,16 +60,18 @@ def quantize(
                                           "default: the last 20% of --data, held back."),
     mode: str = typer.Option("auto", help="auto | static | dynamic | weight-only"),
     bits: int = typer.Option(8, help="8 (INT8 modes), or 2-8 with --mode weight-only."),
-    group_size: int = typer.Option(128, "--group-size", help="Weight-only: block of K sharing "
-                                   "a scale (16, 32, 64, 128, 256)."),
-    algorithm: str = typer.Option("rtn", help="Weight-only: rtn | gptq | hqq."),
+    group_size: int | None = typer.Option(None, "--group-size", help="Weight-only: block of K "
+                                          "sharing a scale (16, 32, 64, 128 (default), 256)."),
+    algorithm: str | None = typer.Option(None, help="Weight-only: rtn (default) | gptq | hqq."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="Weight-only: zero point per "
                                     "group (default symmetric)."),
-    accuracy_level: int = typer.Option(4, "--accuracy-level", help="Weight-only MatMulNBits: "
-                                       "0 float math, 4 int8 activations (fast)."),
-    calibration: str = typer.Option("auto", help="auto | minmax | percentile | mse | entropy"),
-    weights: str = typer.Option("auto", "--weights", help="Static MatMul/Gemm weight "
-                                "granularity: auto | channel | tensor (Conv: always channel)."),
+    accuracy_level: int | None = typer.Option(None, "--accuracy-level", help="Weight-only "
+                                              "MatMulNBits: 0 float math, 4 int8 activations "
+                                              "(fast, the default)."),
+    calibration: str | None = typer.Option(None, help="INT8: auto (default) | minmax | "
+                                           "percentile | mse | entropy"),
+    weights: str | None = typer.Option(None, "--weights", help="INT8 static MatMul/Gemm weight "
+                                       "granularity: auto (default) | channel | tensor."),
     strict: bool = typer.Option(False, "--strict", help="Fail if an operator is not supported."),
     exclude: list[str] = typer.Option([], "--exclude", help="Node name to keep in float "
                                       "(repeatable)."),
@@ -99,15 +102,24 @@ def quantize(
     from lowbit.config import Int8Config, StageConfig, WeightOnlyConfig
 
     check_output(output)
+    weight_only = {"--group-size": group_size, "--algorithm": algorithm,
+                   "--accuracy-level": accuracy_level, "--asymmetric": asymmetric or None}
+    int8 = {"--calibration": calibration, "--weights": weights, "--strict": strict or None,
+            "--min-cosine": min_cosine, "--max-drop": max_drop}
     config: StageConfig
     if plan is not None:
+        refuse_options({**weight_only, **int8, "--exclude": exclude or None,
+                        "--mode": None if mode == "auto" else mode,
+                        "--bits": None if bits == 8 else bits}, "--plan (the plan sets them)")
         config = read_mixed_plan(plan)
         label = "mixed"
     elif mode.lower() == "weight-only":
-        config = WeightOnlyConfig(bits=bits, group_size=group_size, algorithm=algorithm,
+        refuse_options(int8, "--mode weight-only")
+        config = WeightOnlyConfig(bits=bits, group_size=group_size or 128,
+                                  algorithm=algorithm or "rtn",
                                   symmetric=False if asymmetric else None,
-                                  accuracy_level=accuracy_level, exclude_nodes=tuple(exclude),
-                                  max_calibration_samples=max_samples)
+                                  accuracy_level=4 if accuracy_level is None else accuracy_level,
+                                  exclude_nodes=tuple(exclude), max_calibration_samples=max_samples)
         label = f"INT{bits} weight-only"
     else:
         if bits != 8:
@@ -115,9 +127,11 @@ def quantize(
 
             raise ValidationError(f"option --bits: {bits} needs --mode weight-only (static, "
                                   "dynamic and auto modes are INT8)")
-        config = Int8Config(mode=mode, calibration=calibration, strict=strict,
+        refuse_options(weight_only, f"--mode {mode} (INT8)")
+        config = Int8Config(mode=mode, calibration=calibration or "auto", strict=strict,
                             exclude_nodes=tuple(exclude), max_calibration_samples=max_samples,
-                            weight_granularity=weights, min_cosine=min_cosine, max_drop=max_drop)
+                            weight_granularity=weights or "auto", min_cosine=min_cosine,
+                            max_drop=max_drop)
         label = "INT8"
     show = not quiet and not as_json
     with progress_bar(show) as update:

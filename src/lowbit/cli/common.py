@@ -60,6 +60,15 @@ def finish(result: Any, output: Path, show: bool, as_json: bool, require: bool, 
         raise TargetNotMetError("--require: the report flags " + "; ".join(f["kind"] for f in flags))
 
 
+def refuse_options(given: dict[str, Any], context: str) -> None:
+    """Options that do not apply in ``context`` are an error when given, not ignored."""
+    from lowbit.errors import ValidationError
+
+    used = [name for name, value in given.items() if value is not None]
+    if used:
+        raise ValidationError(f"option {', '.join(used)}: does not apply with {context}")
+
+
 def check_output(output: Path) -> None:
     from lowbit.errors import ValidationError
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import onnx
 
 from lowbit.backends.onnx.store import FloatModel
@@ -47,6 +48,7 @@ class RunContext:
     warnings: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    sparse: set[str] = field(default_factory=set)  # weights whose zeros later stages keep
     _trainable: str | None = None  # "" if the bridge runs this graph, else why not
 
     def require_train(self, what: str) -> Dataset:
@@ -78,6 +80,16 @@ class RunContext:
                 self.notes.append(self._trainable)
             return False
         return True
+
+    def zero_masks(self, fm: FloatModel) -> dict[str, np.ndarray]:
+        """Masks (True = keep) of the weights earlier stages pruned: every later training
+        stage passes them to the trainer, so pruned weights stay exactly zero."""
+        out = {}
+        for name in sorted(self.sparse):
+            value = fm.constant(name)
+            if value is not None:
+                out[name] = np.asarray(value) != 0
+        return out
 
     def check_node_names(self, names: tuple[str, ...], option: str) -> None:
         """Refuse node names the model does not have (``OpType_i`` for unnamed nodes)."""

@@ -18,7 +18,8 @@ def cluster_stage(config: ClusterConfig, ctx: RunContext) -> dict[str, Any]:
     fm = ctx.fm
     items = selected_layers(fm, config.layers)
     targets = [w.weight for w in items]
-    if config.biases and not config.layers:
+    biases = config.biases and not config.layers  # named layers: only their weights
+    if biases:
         targets += [w.bias for w in items if w.bias and w.bias not in targets]
     clusters: dict[str, Clustering] = {}
     for name in targets:
@@ -37,5 +38,5 @@ def cluster_stage(config: ClusterConfig, ctx: RunContext) -> dict[str, Any]:
     else:
         values = {n: c.weights() for n, c in clusters.items()}
     ctx.fm = with_weights(fm, values)
-    return {"bits": config.bits, "init": config.init.value, "biases": config.biases,
+    return {"bits": config.bits, "init": config.init.value, "biases": biases,
             "epochs": config.epochs if tune else 0}

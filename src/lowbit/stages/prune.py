@@ -89,26 +89,31 @@ def prune_stage(config: PruneConfig, ctx: RunContext) -> dict[str, Any]:
             except ValidationError as exc:
                 skipped[item.weight] = str(exc)
     ctx.skipped.update(skipped)
+    kept = ctx.zero_masks(fm)  # zeros of earlier prune stages stay zero
     if config.nm is None:
         weights = {n: w for n, w in weights.items() if n not in skipped}
-        masks = global_masks(weights, config.sparsity) if config.scope is PruneScope.GLOBAL \
-            else {n: layer_mask(w, config.sparsity) for n, w in weights.items()}
+        masks = global_masks(weights, config.sparsity, kept) if config.scope is PruneScope.GLOBAL \
+            else {n: layer_mask(w, config.sparsity, keep=kept.get(n)) for n, w in weights.items()}
+    else:
+        masks = {n: m & kept[n] if n in kept else m for n, m in masks.items()}
     weights = {n: w for n, w in weights.items() if n in masks}
     tune = ctx.fine_tune_possible(config.epochs)
     spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
                         batch_size=config.batch_size)
     if tune and config.nm is None:  # gradual: masks grow while the weights adapt
         train = ctx.require_train("fine-tuning")
+        spec.masks = kept
         spec.mask_update = _schedule(config, steps_per_epoch(train.num_samples, config.batch_size)
                                      * config.epochs)
         spec.mask_layers = list(weights)
         values = finetune(fm, train, spec, ctx.epoch_progress("pruning + fine-tuning"))
     elif tune:
-        spec.masks = masks
+        spec.masks = {**kept, **masks}
         values = finetune(with_weights(fm, _masked(weights, masks)),
                           ctx.require_train("fine-tuning"), spec, ctx.epoch_progress("fine-tuning"))
     else:
         values = _masked(weights, masks)
+    ctx.sparse |= set(masks)
     ctx.fm = with_weights(fm, values)
     if config.nm is not None:
         ctx.notes.append(f"{config.nm[0]}:{config.nm[1]} semi-structured sparsity: some GPUs "
@@ -134,7 +139,7 @@ def structured_prune_stage(config: StructuredPruneConfig, ctx: RunContext) -> di
     tune = ctx.fine_tune_possible(config.epochs)
     if tune:
         spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
-                            batch_size=config.batch_size)
+                            batch_size=config.batch_size, masks=ctx.zero_masks(result))
         values = finetune(result, ctx.require_train("fine-tuning"), spec,
                           ctx.epoch_progress("fine-tuning"))
         result = with_weights(result, values)

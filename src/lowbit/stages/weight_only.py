@@ -18,7 +18,7 @@ def weight_only_stage(config: WeightOnlyConfig, ctx: RunContext) -> dict[str, An
     gptq = config.algorithm is WeightOnlyAlgorithm.GPTQ
     ctx.sections["weight_only"] = {
         "bits": config.bits, "group_size": config.group_size, "algorithm": config.algorithm.value,
-        "symmetric": config.symmetric, "accuracy_level": config.accuracy_level,
+        "symmetric": config.is_symmetric, "accuracy_level": config.accuracy_level,
         "relative_weight_error_by_layer": plan.layer_error}
     ctx.sections["calibration"] = {
         "method": None, "samples": calib.num_samples if gptq and calib is not None else 0,

@@ -140,11 +140,11 @@ def plan_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | None
         group = layer_group_size(k, cfg.group_size)
         if algorithm is WeightOnlyAlgorithm.GPTQ:
             q = gptq(w_nk, hessians[item.node.input[0]], bits=cfg.bits, group_size=group,
-                     symmetric=bool(cfg.symmetric))
+                     symmetric=cfg.is_symmetric)
         elif algorithm is WeightOnlyAlgorithm.HQQ:
             q = hqq(w_nk, bits=cfg.bits, group_size=group)
         else:
-            q = rtn(w_nk, bits=cfg.bits, group_size=group, symmetric=bool(cfg.symmetric))
+            q = rtn(w_nk, bits=cfg.bits, group_size=group, symmetric=cfg.is_symmetric)
         _record(plan, item.weight, q, w_nk, transposed=item.out_axis != 0,
                 exact=algorithm is WeightOnlyAlgorithm.RTN, label=item.name)
         pad = f", K padded from {k} to a multiple of {group}" if k % group else ""
