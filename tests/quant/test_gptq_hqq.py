@@ -185,4 +185,4 @@ def test_unknown_algorithm_and_accuracy_level_raise_naming_the_option():
         WeightOnlyConfig(algorithm="bogus")
     with pytest.raises(ValidationError, match="accuracy_level"):
         WeightOnlyConfig(accuracy_level=7)
-    assert WeightOnlyConfig(algorithm="hqq").symmetric is False  # HQQ fits zero points
+    assert WeightOnlyConfig(algorithm="hqq").is_symmetric is False  # HQQ fits zero points
