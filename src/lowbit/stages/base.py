@@ -62,7 +62,9 @@ class RunContext:
         if epochs <= 0:
             return False
         if self.train is None or self.train.labels is None:
-            note = "no labels ('y') in the data: post-training only, no fine-tuning"
+            note = ("no data given (--data): post-training only, no fine-tuning"
+                    if self.train is None else
+                    "no labels ('y') in the data: post-training only, no fine-tuning")
             if note not in self.notes:
                 self.notes.append(note)
             return False

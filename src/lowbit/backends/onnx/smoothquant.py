@@ -24,7 +24,7 @@ from lowbit.backends.onnx.graph import (
     topological_sort,
 )
 from lowbit.backends.onnx.session import make_session
-from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.store import SPLIT_MIN_BYTES, FloatModel, reference
 from lowbit.backends.onnx.weights import weighted_nodes
 from lowbit.data import Dataset
 
@@ -92,8 +92,9 @@ def smooth(fm: FloatModel, data: Dataset, *, alpha: float = 0.5, threads: int = 
             if _trans_b(node):
                 scaled = np.ascontiguousarray(scaled.T)
             w_name = names(f"{node.input[1]}_smoothed")
-            if scaled.nbytes >= 64 * 1024:
-                new_inits.append(_ref(weights, w_name, scaled))
+            if scaled.nbytes >= SPLIT_MIN_BYTES:  # held in memory, as FloatModel.split does
+                weights[w_name] = scaled
+                new_inits.append(reference(w_name, scaled))
             else:
                 new_inits.append(numpy_helper.from_array(scaled, w_name))
             target.input[0], target.input[1] = y, w_name
@@ -104,10 +105,3 @@ def smooth(fm: FloatModel, data: Dataset, *, alpha: float = 0.5, threads: int = 
     weights = {k: v for k, v in weights.items() if k in used}
     topological_sort(proto.graph)
     return FloatModel(proto, weights), smoothed
-
-
-def _ref(weights: dict[str, np.ndarray], name: str, array: np.ndarray) -> onnx.TensorProto:
-    from lowbit.backends.onnx.store import reference
-
-    weights[name] = array
-    return reference(name, array)
