@@ -67,3 +67,29 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def check_output_path(path: str | os.PathLike[str], inputs: tuple[Any, ...] = (), *,
+                      option: str = "--output", report: bool = True) -> Path:
+    """Refuse, before any work, an output that would destroy something: a folder, a
+    device or other non-regular file, a missing folder, any of ``inputs`` (paths; other
+    values are ignored), or (with ``report``) a file named like the report written beside
+    it. Returns the path."""
+    raw = os.fspath(path)
+    target = Path(raw)
+    if not raw or raw.endswith(os.sep) or target.is_dir():
+        raise ValidationError(f"option {option}: '{raw}' is a folder; give a file name")
+    if target.exists() and not target.is_file():
+        raise ValidationError(f"option {option}: {target} exists and is not a regular file")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValidationError(f"option {option}: folder does not exist: {folder}")
+    if report and target.name == "report.json":
+        raise ValidationError(f"option {option}: {target} is where the report goes; pick "
+                              "another name for the model")
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)) and target.exists() and Path(item).exists() \
+                and os.path.samefile(target, item):
+            raise ValidationError(f"option {option}: {target} is an input of this command "
+                                  f"({item}); lowbit never overwrites an input")
+    return target

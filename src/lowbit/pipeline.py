@@ -39,7 +39,7 @@ from lowbit.config import (
 )
 from lowbit.data import Dataset, as_dataset, split_holdout
 from lowbit.errors import ValidationError
-from lowbit.fileio import write_bytes_atomic, write_json_atomic
+from lowbit.fileio import check_output_path, write_bytes_atomic, write_json_atomic
 from lowbit.model_io import resolve_model
 from lowbit.report.build import build_report, weight_section
 from lowbit.report.verify import verify as verify_model
@@ -56,12 +56,14 @@ class CompressedModel:
     ``fm`` is the float model after the weight stages (before any quantization)."""
 
     def __init__(self, model: onnx.ModelProto, report: dict[str, Any], *, fm: FloatModel,
-                 original: FloatModel, lbz: bytes | None = None) -> None:
+                 original: FloatModel, lbz: bytes | None = None,
+                 inputs: tuple[Any, ...] = ()) -> None:
         self.model = model
         self.report = report
         self.fm = fm
         self._original = original
         self._lbz = lbz  # the .lbz encoding, if the run already made it
+        self._inputs = inputs  # files the run read: save never overwrites them
 
     @property
     def float_model(self) -> onnx.ModelProto:
@@ -69,8 +71,9 @@ class CompressedModel:
         return self._original.joined()
 
     def save(self, path: str | os.PathLike[str], *, report: bool = True) -> Path:
-        """Write the model atomically: ``.lbz`` compressed, anything else ONNX."""
-        out = Path(path)
+        """Write the model atomically: ``.lbz`` compressed, anything else ONNX; never over
+        a file the run read."""
+        out = check_output_path(path, self._inputs, option="path", report=report)
         if out.suffix == ".lbz":
             if self._lbz is None:
                 from lowbit.container import encode
@@ -198,4 +201,5 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
                           sections=sections, plan=ctx.plan, notes=ctx.notes,
                           warnings=ctx.warnings, skipped=ctx.skipped, verification=verification,
                           seconds=ctx.seconds)
-    return CompressedModel(output, report, fm=weights_fm, original=ctx.original, lbz=lbz)
+    return CompressedModel(output, report, fm=weights_fm, original=ctx.original, lbz=lbz,
+                           inputs=(model, data, eval_data))

@@ -101,7 +101,7 @@ def quantize(
     from lowbit.api import read_mixed_plan
     from lowbit.config import Int8Config, StageConfig, WeightOnlyConfig
 
-    check_output(output)
+    check_output(output, model, data, eval_data, plan)
     weight_only = {"--group-size": group_size, "--algorithm": algorithm,
                    "--accuracy-level": accuracy_level, "--asymmetric": asymmetric or None}
     int8 = {"--calibration": calibration, "--weights": weights, "--strict": strict or None,
@@ -165,7 +165,7 @@ def prune(
     """
     from lowbit.api import prune as api_prune
 
-    check_output(output)
+    check_output(output, model, data, eval_data)
     show = not quiet and not as_json
     with progress_bar(show) as update:
         cm = api_prune(str(model), str(data) if data else None, sparsity=sparsity,
@@ -197,7 +197,7 @@ def cluster(
     """
     from lowbit.api import cluster as api_cluster
 
-    check_output(output)
+    check_output(output, model, data, eval_data)
     show = not quiet and not as_json
     with progress_bar(show) as update:
         cm = api_cluster(str(model), str(data) if data else None, bits=bits, epochs=epochs, lr=lr,
@@ -227,7 +227,7 @@ def compress(
     """
     from lowbit.api import compress as api_compress
 
-    check_output(output)
+    check_output(output, model, data, eval_data)
     show = not quiet and not as_json
     with progress_bar(show) as update:
         cm = api_compress(str(model), str(data) if data else None, sparsity=sparsity, bits=bits,
@@ -248,7 +248,7 @@ def unpack(
     from lowbit.container import read_lbz
     from lowbit.fileio import write_bytes_atomic
 
-    check_output(output)
+    check_output(output, model, report=False)  # unpack writes no report
     proto = read_lbz(model)
     write_bytes_atomic(output, proto.SerializeToString())
     out_console.print(f"wrote {output} ({output.stat().st_size:,} bytes) from {model} "
@@ -276,7 +276,7 @@ def sensitivity(
     from lowbit.api import sensitivity as api_sensitivity
     from lowbit.fileio import write_json_atomic
 
-    check_output(output)
+    check_output(output, model, data, report=False)  # the plan is the only output
     with progress_bar(not quiet) as update:
         plan = api_sensitivity(str(model), str(data), min_cosine=min_cosine, max_bits=max_bits,
                                group_size=group_size, progress=update)

@@ -69,11 +69,11 @@ def refuse_options(given: dict[str, Any], context: str) -> None:
         raise ValidationError(f"option {', '.join(used)}: does not apply with {context}")
 
 
-def check_output(output: Path) -> None:
-    from lowbit.errors import ValidationError
+def check_output(output: Path, *inputs: Any, report: bool = True) -> None:
+    """The output guard (``fileio.check_output_path``), before any work."""
+    from lowbit.fileio import check_output_path
 
-    if not output.parent.is_dir():
-        raise ValidationError(f"option --output: folder does not exist: {output.parent}")
+    check_output_path(output, inputs, report=report)
 
 
 def parse_nm(nm: str | None) -> tuple[int, int] | None:
