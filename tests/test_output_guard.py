@@ -83,3 +83,25 @@ def test_api_save_never_overwrites_what_the_run_read(files):
         with pytest.raises(ValidationError, match="never overwrites an input"):
             result.save(target)
     assert _unchanged(files) == before
+
+
+@pytest.mark.parametrize("name", ["x.zip", "x.txt", "noextension"])
+def test_the_extension_decides_the_format_or_is_refused(files, capsys, name):
+    rc = main(["prune", str(files["model"]), "-o", str(files["dir"] / name), "--sparsity", "0.5"])
+    assert rc == 2
+    assert "extension" in capsys.readouterr().err
+    assert not (files["dir"] / name).exists()
+
+
+def test_epochs_without_data_is_refused_before_any_work(files, capsys):
+    rc = main(["prune", str(files["model"]), "-o", str(files["dir"] / "p.onnx"),
+               "--sparsity", "0.5", "--epochs", "2"])
+    assert rc == 2
+    assert "epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--batch", "0"], ["--threads", "-1"], ["--epochs", "0"]])
+def test_demo_checks_its_options_before_training(tmp_path, capsys, option):
+    out = tmp_path / "d"
+    assert main(["demo", "-o", str(out), *option]) == 2
+    assert not out.exists()  # refused before the folder or any model was written

@@ -39,12 +39,16 @@ def run_demo(
     from lowbit.data import digits_split
     from lowbit.models import digits_cnn
 
-    if epochs < 1:
-        raise ValidationError(f"option epochs: {epochs} must be >= 1")
+    for option, value in (("epochs", epochs), ("threads", threads), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValidationError(f"option {option}: {value!r} must be an integer >= 1")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValidationError(f"output path exists and is not a folder: {out}")
-    out.mkdir(parents=True, exist_ok=True)
+    if not str(out_dir) or (out.exists() and not out.is_dir()):
+        raise ValidationError(f"option --output: '{out}' exists and is not a folder")
+    try:  # every option is checked before the training starts
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValidationError(f"option --output: cannot create folder {out}: {exc.strerror}") from None
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
     try:

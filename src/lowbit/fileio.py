@@ -70,7 +70,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def check_output_path(path: str | os.PathLike[str], inputs: tuple[Any, ...] = (), *,
-                      option: str = "--output", report: bool = True) -> Path:
+                      option: str = "--output", report: bool = True,
+                      suffixes: tuple[str, ...] = ()) -> Path:
     """Refuse, before any work, an output that would destroy something: a folder, a
     device or other non-regular file, a missing folder, any of ``inputs`` (paths; other
     values are ignored), or (with ``report``) a file named like the report written beside
@@ -92,4 +93,7 @@ def check_output_path(path: str | os.PathLike[str], inputs: tuple[Any, ...] = ()
                 and os.path.samefile(target, item):
             raise ValidationError(f"option {option}: {target} is an input of this command "
                                   f"({item}); lowbit never overwrites an input")
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise ValidationError(f"option {option}: {target.name} - the extension decides the "
+                              f"format; use one of {', '.join(suffixes)}")
     return target

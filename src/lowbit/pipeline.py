@@ -150,6 +150,8 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     check_stages(stages)
     if data is None and any(isinstance(c, (Int8Config, MixedPrecisionConfig)) for c in stages):
         raise ValidationError("quantization needs data (--data) to calibrate and verify")
+    if data is None and any(getattr(c, "epochs", 0) > 0 for c in stages):
+        raise ValidationError("option epochs: fine-tuning needs data with labels (--data)")
     for option, value in (("threads", threads), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValidationError(f"option {option}: {value!r} must be an integer >= 1")

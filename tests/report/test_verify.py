@@ -337,7 +337,8 @@ def test_bench_models_rows(model_files, x: np.ndarray,
     assert first["size_ratio_vs_first"] == 1.0 and first["speedup_vs_first"] == 1.0
     assert second["size_ratio_vs_first"] == round(size_a / size_b, 3) < 1.0
     expected_speedup = first["latency"]["p50_ms"] / second["latency"]["p50_ms"]
-    assert second["speedup_vs_first"] == pytest.approx(expected_speedup, rel=0.01, abs=0.002)
+    # p50s in the rows are rounded to 0.1 us; the ratio was taken before rounding
+    assert second["speedup_vs_first"] == pytest.approx(expected_speedup, rel=0.05, abs=0.002)
     for row in (first, second):
         assert row["latency"]["iterations"] >= 5 and row["latency"]["batch"] == 4
     ref = _logits(weights, x)

@@ -248,7 +248,7 @@ def unpack(
     from lowbit.container import read_lbz
     from lowbit.fileio import write_bytes_atomic
 
-    check_output(output, model, report=False)  # unpack writes no report
+    check_output(output, model, report=False, suffixes=(".onnx",))  # no report
     proto = read_lbz(model)
     write_bytes_atomic(output, proto.SerializeToString())
     out_console.print(f"wrote {output} ({output.stat().st_size:,} bytes) from {model} "
@@ -276,7 +276,7 @@ def sensitivity(
     from lowbit.api import sensitivity as api_sensitivity
     from lowbit.fileio import write_json_atomic
 
-    check_output(output, model, data, report=False)  # the plan is the only output
+    check_output(output, model, data, report=False, suffixes=(".json",))  # the plan only
     with progress_bar(not quiet) as update:
         plan = api_sensitivity(str(model), str(data), min_cosine=min_cosine, max_bits=max_bits,
                                group_size=group_size, progress=update)

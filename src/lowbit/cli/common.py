@@ -69,11 +69,15 @@ def refuse_options(given: dict[str, Any], context: str) -> None:
         raise ValidationError(f"option {', '.join(used)}: does not apply with {context}")
 
 
-def check_output(output: Path, *inputs: Any, report: bool = True) -> None:
+MODEL_SUFFIXES = (".onnx", ".lbz")
+
+
+def check_output(output: Path, *inputs: Any, report: bool = True,
+                 suffixes: tuple[str, ...] = MODEL_SUFFIXES) -> None:
     """The output guard (``fileio.check_output_path``), before any work."""
     from lowbit.fileio import check_output_path
 
-    check_output_path(output, inputs, report=report)
+    check_output_path(output, inputs, report=report, suffixes=suffixes)
 
 
 def parse_nm(nm: str | None) -> tuple[int, int] | None:
