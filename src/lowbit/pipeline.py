@@ -164,16 +164,15 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     ctx = RunContext(fm=fm, original=fm, train=train, threads=threads, batch=batch,
                      progress=progress)
     done: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    weights_fm = ctx.fm  # the float model after the weight stages (a quantize stage is last)
+    weights_fm = None  # the float model after the weight stages, before quantizing
     for config in stages:
         if isinstance(config, QUANTIZE_CONFIGS):
-            weights_fm = ctx.fm
+            weights_fm = ctx.fm  # (a quantize stage may smooth ctx.fm for its plan)
         t = time.perf_counter()
         settings = handler_for(config)(config, ctx)
         ctx.seconds[config.kind] = time.perf_counter() - t
         done.append((config.to_dict(), settings))
-    if not any(isinstance(c, QUANTIZE_CONFIGS) for c in stages):
-        weights_fm = ctx.fm
+    weights_fm = weights_fm or ctx.fm
     if ctx.plan is not None:
         output = ctx.written if ctx.written is not None else write_model(ctx.fm, ctx.plan)
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,16 @@ class QuantizationPlan:
     def clip_caps(self) -> dict[str, tuple[float, float]]:
         """Folded Clip(0, c) outputs: their quantization range may not exceed the clip."""
         return {f.output: f.clip for f in self.folds if f.clip is not None}
+
+    def values_of(self, name: str, stored: Callable[[str], Any]) -> np.ndarray:
+        """The float values quantized for ``name``: the plan's replacement values if it
+        has them, else ``stored(name)`` (the model's constant)."""
+        value = self.weight_values.get(name)
+        if value is None:
+            value = stored(name)
+        if value is None:
+            raise ValueError(f"internal: constant {name} vanished")
+        return np.asarray(value)
 
     def activation_params(self, tensor: str) -> TensorQuantParams:
         return self.tensors[self.shared.get(tensor, tensor)]

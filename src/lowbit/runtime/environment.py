@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,11 @@ from lowbit.version import __version__
 
 def cpu_info() -> dict[str, Any]:
     """CPU model, core count, and whether it has VNNI int8 dot-product instructions."""
+    return dict(_cpu_info())  # a copy: callers put it into reports
+
+
+@lru_cache(maxsize=1)
+def _cpu_info() -> dict[str, Any]:  # /proc/cpuinfo is read once per process
     model_name = platform.processor() or platform.machine()
     flags: set[str] = set()
     try:

@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from lowbit.backends.onnx.graph import GraphIndex, NameFactory, attr, drop_unused_initializers, set_attr
-from lowbit.backends.onnx.store import SPLIT_MIN_BYTES, FloatModel
+from lowbit.backends.onnx.store import FloatModel
 
 
 def fold_batchnorm(fm: FloatModel) -> int:
@@ -81,10 +81,7 @@ def fold_gemm_scalars(fm: FloatModel) -> int:
                 continue
             new_name = names(f"{node.input[k]}_{attr_name}_folded")
             scaled = (value * np.float32(factor)).astype(np.float32)
-            if scaled.nbytes >= SPLIT_MIN_BYTES:
-                fm.proto.graph.initializer.append(fm.set_weight(new_name, scaled))
-            else:
-                fm.proto.graph.initializer.append(numpy_helper.from_array(scaled, new_name))
+            fm.proto.graph.initializer.append(fm.tensor(new_name, scaled))
             node.input[k] = new_name
             set_attr(node, attr_name, 1.0)
             changed += 1

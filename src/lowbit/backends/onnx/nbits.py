@@ -31,8 +31,7 @@ def _quantized_nk(item: NodeQuant, plan: QuantizationPlan, index: GraphIndex,
                   transposed: bool) -> GroupQuantized:
     """The plan's codes of a weight as (N, K) (MatMul stores (K, N))."""
     name = str(item.weight)
-    values = plan.weight_values.get(name)
-    stored = np.asarray(values if values is not None else index.constant(name), np.float32)
+    stored = plan.values_of(name, index.constant).astype(np.float32, copy=False)
     params = plan.tensors[name]
     if transposed:
         stored, params = stored.T, transpose_params(params)

@@ -79,11 +79,10 @@ class _Planner:
         consumers = self.index.consumers.get(out, [])
         if out not in outputs and len(consumers) == 1:
             act = consumers[0]
-            clip = _foldable(act, self.index)
-            if clip is not False:
+            foldable, clip = _foldable(act, self.index)
+            if foldable:
                 act_name = node_name(act, self.nodes.index(act))
-                self.plan.folds.append(Fold(name, act_name, act.output[0],
-                                              clip if isinstance(clip, tuple) else None))
+                self.plan.folds.append(Fold(name, act_name, act.output[0], clip))
                 self.folded_away.add(act_name)
                 self.plan.decide(act_name, act.op_type, Treatment.FOLDED,
                                  f"folded into {name}'s output range")
@@ -132,16 +131,16 @@ _HANDLERS: dict[OpKind, Callable[[_Planner, onnx.NodeProto, int, str, OpRule], N
 }
 
 
-def _foldable(node: onnx.NodeProto, index: GraphIndex) -> tuple[float, float] | bool:
-    """False if ``node`` cannot be folded; True for Relu; (0, hi) for Clip(0, hi)."""
+def _foldable(node: onnx.NodeProto, index: GraphIndex) -> tuple[bool, tuple[float, float] | None]:
+    """(whether ``node`` folds into the op before it, its Clip bounds; None for Relu)."""
     if node.op_type == "Relu":
-        return True
+        return True, None
     if node.op_type == "Clip":
         lo = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
         hi = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if lo is not None and float(lo) == 0.0:
-            return (0.0, float(hi) if hi is not None else float("inf"))
-    return False
+            return True, (0.0, float(hi) if hi is not None else float("inf"))
+    return False, None
 
 
 def build_int8_plan(fm: FloatModel, *, treatments: dict[str, Treatment | str],

@@ -86,22 +86,13 @@ def write_int8(fm: FloatModel, plan: QuantizationPlan, writer: GraphWriter) -> N
         _qdq_activation(writer, tensor, plan.activation_params(tensor), tensor in inputs)
 
 
-def _value(plan: QuantizationPlan, index: GraphIndex, name: str) -> np.ndarray:
-    value = plan.weight_values.get(name)
-    if value is None:
-        value = index.constant(name)
-    if value is None:
-        raise ValueError(f"internal: constant {name} vanished")
-    return np.asarray(value)
-
-
 def _static_weights(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
                     plan: QuantizationPlan, index: GraphIndex) -> None:
     weight = str(item.weight)
-    node.input[1] = _dequantized_constant(w, weight, _value(plan, index, weight),
+    node.input[1] = _dequantized_constant(w, weight, plan.values_of(weight, index.constant),
                                           plan.tensors[weight])
     if item.bias is not None and item.bias in plan.tensors:
-        bias = _value(plan, index, item.bias)
+        bias = plan.values_of(item.bias, index.constant)
         node.input[2] = _dequantized_constant(w, item.bias, bias.reshape(-1),
                                               plan.tensors[item.bias])
 
@@ -111,16 +102,16 @@ def _constant_operands(w: GraphWriter, node: onnx.NodeProto, plan: QuantizationP
     """Constant inputs of an 8-bit elementwise op (e.g. Concat) that the plan quantizes."""
     for k, x in enumerate(node.input):
         if x and x in index.initializers and x in plan.tensors:
-            node.input[k] = _dequantized_constant(w, x, _value(plan, index, x), plan.tensors[x])
+            node.input[k] = _dequantized_constant(w, x, plan.values_of(x, index.constant), plan.tensors[x])
 
 
 def _dynamic_matmul(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
                     plan: QuantizationPlan, index: GraphIndex) -> None:
     """MatMul/Gemm -> DynamicQuantizeLinear + MatMulInteger + scale (+ bias)."""
     base = str(item.weight)
-    weight = _value(plan, index, base)
+    weight = plan.values_of(base, index.constant)
     params = plan.tensors[base]
-    bias = _value(plan, index, item.bias) if item.bias else None
+    bias = plan.values_of(item.bias, index.constant) if item.bias else None
     q = affine.quantize(weight, params, dtype=np.int8)
     if node.op_type == "Gemm" and attr(node, "transB", 0):
         q = np.ascontiguousarray(q.T)  # stored (N, K); MatMulInteger wants (K, N)

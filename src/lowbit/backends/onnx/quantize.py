@@ -85,7 +85,7 @@ def fill_weights(plan: QuantizationPlan, fm: FloatModel, granularity: str, *,
     for item in plan.nodes.values():
         if item.weight is None:
             continue
-        weight = _constant(plan, fm, item.weight)
+        weight = plan.values_of(item.weight, fm.constant)
         out_axis = weighted[item.name].out_axis
         if item.treatment is Treatment.DYNAMIC:
             params = affine.weight_params_per_channel(weight, axis=out_axis, bits=bits)
@@ -98,11 +98,6 @@ def fill_weights(plan: QuantizationPlan, fm: FloatModel, granularity: str, *,
             (", 7-bit range" if reduce_range else "")
     plan.decisions[:] = [dataclasses.replace(d, weights=labels[d.name]) if d.name in labels
                          else d for d in plan.decisions]
-
-
-def _constant(plan: QuantizationPlan, fm: FloatModel, name: str) -> np.ndarray:
-    value = plan.weight_values.get(name)
-    return np.asarray(value if value is not None else fm.constant(name))
 
 
 def fill_activations(plan: QuantizationPlan, fm: FloatModel,
@@ -124,7 +119,7 @@ def fill_activations(plan: QuantizationPlan, fm: FloatModel,
             continue
         if item.bias is None:
             continue
-        channels = int(_constant(plan, fm, item.weight).shape[weighted[item.name].out_axis])
+        channels = int(plan.values_of(item.weight, fm.constant).shape[weighted[item.name].out_axis])
         if np.asarray(fm.constant(item.bias)).size == channels:
             out.tensors[item.bias] = weight_rules.bias_params(
                 out.activation_params(node.input[0]), out.tensors[item.weight], channels)
@@ -222,7 +217,7 @@ def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, 
     reference = _outputs(make_session(fm, threads=threads, lean=True), selection, config.batch_size)
     release_memory()
     scores: dict[str, float] = {}
-    best: tuple[float, CalibrationMethod, QuantizationPlan] | None = None
+    candidates: list[tuple[float, CalibrationMethod, QuantizationPlan]] = []
     for k, method in enumerate(methods):
         candidate = plan_for(method)
         serialized = write_model(fm, candidate).SerializeToString()
@@ -233,12 +228,11 @@ def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, 
         release_memory()
         score = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
         scores[method.value] = round(score, 3)
-        if best is None or score > best[0]:
-            best = (score, method, candidate)
+        candidates.append((score, method, candidate))
         if progress is not None:
             progress("choosing calibration", k + 1, len(methods))
-    assert best is not None  # noqa: S101  (methods is never empty)
-    return best[1], scores, best[2]
+    _, method, best = max(candidates, key=lambda c: c[0])  # the first of equal scores
+    return method, scores, best
 
 
 def _outputs(session: Any, data: Dataset, batch_size: int) -> list[np.ndarray]:

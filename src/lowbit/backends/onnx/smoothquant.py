@@ -24,7 +24,7 @@ from lowbit.backends.onnx.graph import (
     topological_sort,
 )
 from lowbit.backends.onnx.session import make_session
-from lowbit.backends.onnx.store import SPLIT_MIN_BYTES, FloatModel, reference
+from lowbit.backends.onnx.store import FloatModel
 from lowbit.backends.onnx.weights import weighted_nodes
 from lowbit.data import Dataset
 
@@ -69,7 +69,7 @@ def smooth(fm: FloatModel, data: Dataset, *, alpha: float = 0.5, threads: int = 
     amax = channel_absmax(fm, list(groups), data, threads=threads)
     proto = onnx.ModelProto()
     proto.CopyFrom(fm.proto)
-    weights = dict(fm.weights)
+    out = FloatModel(proto, dict(fm.weights))
     names = NameFactory(proto)
     index = GraphIndex(fm.proto, fm.weights)
     new_nodes, new_inits, smoothed = [], [], 0
@@ -92,16 +92,12 @@ def smooth(fm: FloatModel, data: Dataset, *, alpha: float = 0.5, threads: int = 
             if _trans_b(node):
                 scaled = np.ascontiguousarray(scaled.T)
             w_name = names(f"{node.input[1]}_smoothed")
-            if scaled.nbytes >= SPLIT_MIN_BYTES:  # held in memory, as FloatModel.split does
-                weights[w_name] = scaled
-                new_inits.append(reference(w_name, scaled))
-            else:
-                new_inits.append(numpy_helper.from_array(scaled, w_name))
+            new_inits.append(out.tensor(w_name, scaled))
             target.input[0], target.input[1] = y, w_name
         smoothed += 1
     proto.graph.node.extend(new_nodes)
     proto.graph.initializer.extend(new_inits)
     used = drop_unused_initializers(proto.graph)
-    weights = {k: v for k, v in weights.items() if k in used}
+    out.weights = {k: v for k, v in out.weights.items() if k in used}
     topological_sort(proto.graph)
-    return FloatModel(proto, weights), smoothed
+    return out, smoothed

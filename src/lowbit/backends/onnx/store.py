@@ -97,6 +97,14 @@ class FloatModel:
         self.weights[name] = array
         return reference(name, array)
 
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """The initializer to put in the graph for ``array``: held here as a reference when
+        it is large (as ``split`` does), embedded otherwise."""
+        if array.nbytes >= SPLIT_MIN_BYTES:
+            return self.set_weight(name, array)
+        self.weights.pop(name, None)
+        return numpy_helper.from_array(array, name)
+
     def joined(self) -> onnx.ModelProto:
         """A self-contained copy with every weight embedded (for saving or the checker)."""
         return embed_weights(self.proto, self.weights)

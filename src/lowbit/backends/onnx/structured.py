@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from lowbit.backends.onnx.channel_flow import PRODUCERS, ChannelAnalyser, Prunable, Refused, node_label
 from lowbit.backends.onnx.graph import node_name
-from lowbit.backends.onnx.store import SPLIT_MIN_BYTES, FloatModel
+from lowbit.backends.onnx.store import FloatModel
 from lowbit.config import ChannelImportance, parse_enum
 from lowbit.errors import ValidationError
 
@@ -169,12 +168,7 @@ def apply_channel_pruning(fm: FloatModel, plan: ChannelPlan) -> FloatModel:
         arr = fm.constant(tensor.name)
         for axis, idx in cuts[tensor.name]:
             arr = np.take(arr, idx, axis=axis)
-        arr = np.ascontiguousarray(arr)
-        if arr.nbytes >= SPLIT_MIN_BYTES:
-            tensor.CopyFrom(out.set_weight(tensor.name, arr))
-        else:
-            out.weights.pop(tensor.name, None)
-            tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
+        tensor.CopyFrom(out.tensor(tensor.name, np.ascontiguousarray(arr)))
     del proto.graph.value_info[:]  # stale channel counts; inferred afresh below
     out.proto = onnx.shape_inference.infer_shapes(proto)
     return out

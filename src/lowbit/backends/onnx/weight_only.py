@@ -134,8 +134,8 @@ def plan_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | None
         work = ((item, {}) for item in items)
     stored_bits = storage_bits(cfg.bits)
     for step, (item, hessians) in enumerate(work):
-        _check_bias(fm, item)
         w_nk = _nk(item, np.asarray(fm.constant(item.weight)))  # (N, K)
+        _check_bias(fm, item, w_nk.shape[0])
         k = w_nk.shape[1]
         group = layer_group_size(k, cfg.group_size)
         if algorithm is WeightOnlyAlgorithm.GPTQ:
@@ -180,10 +180,9 @@ def _record(plan: QuantizationPlan, weight: str, q: GroupQuantized, w_nk: np.nda
         np.linalg.norm(q.dequantize() - w_nk) / max(float(np.linalg.norm(w_nk)), 1e-30)), 6)
 
 
-def _check_bias(fm: FloatModel, item: WeightedNode) -> None:
+def _check_bias(fm: FloatModel, item: WeightedNode, n: int) -> None:
     if item.bias is None:
         return
-    n = int(np.asarray(fm.constant(item.weight)).shape[item.out_axis])
     size = int(np.asarray(fm.constant(item.bias)).size)
     if size not in (1, n):
         raise ValidationError(f"Gemm {item.name}: bias of {size} values is not per output "
