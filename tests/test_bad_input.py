@@ -307,7 +307,7 @@ def test_without_strict_an_unregistered_op_stays_float_with_a_reason(softmax_mod
                                                   "--quiet", "--mode", "static"))
     assert rc == 0, err
     assert (out_dir / "model.int8.onnx").is_file()
-    report = json.loads((out_dir / "report.json").read_text())
+    report = json.loads((out_dir / "model.int8.onnx.report.json").read_text())
     softmax = [d for d in report["nodes"]["decisions"] if d["op_type"] == "Softmax"]
     assert len(softmax) == 1
     assert softmax[0]["treatment"] == "float"
@@ -329,7 +329,7 @@ def test_failed_quantize_leaves_existing_output_untouched(failure, base, tmp_pat
                                                           capsys):
     existing = out_dir / "model.int8.onnx"
     existing.write_bytes(b"OLD MODEL BYTES")
-    old_report = out_dir / "report.json"
+    old_report = out_dir / "model.int8.onnx.report.json"
     old_report.write_text('{"old": true}\n')
     model, data, extra = base["model"], base["data"], []
     if failure == "nan-data":
@@ -342,7 +342,7 @@ def test_failed_quantize_leaves_existing_output_untouched(failure, base, tmp_pat
     assert_refused(rc, out, err)
     assert existing.read_bytes() == b"OLD MODEL BYTES"
     assert old_report.read_text() == '{"old": true}\n'
-    assert sorted(p.name for p in out_dir.iterdir()) == ["model.int8.onnx", "report.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.int8.onnx", "model.int8.onnx.report.json"]
 
 
 def test_successful_quantize_replaces_existing_output(base, out_dir, capsys):
@@ -352,7 +352,7 @@ def test_successful_quantize_replaces_existing_output(base, out_dir, capsys):
                                                   "--quiet", "--mode", "static"))
     assert rc == 0, err
     onnx.checker.check_model(onnx.load(str(existing)))
-    assert sorted(p.name for p in out_dir.iterdir()) == ["model.int8.onnx", "report.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["model.int8.onnx", "model.int8.onnx.report.json"]
 
 
 # ----------------------------------------------------------------- degenerate tensors

@@ -87,7 +87,7 @@ def test_quantize_writes_model_report_and_table(work, tmp_path, capsys, wide):
                                  "--data", work["data"], "--mode", "static")
     assert rc == 0, stderr
     assert out.is_file() and out.stat().st_size > 0
-    report_path = tmp_path / "report.json"
+    report_path = tmp_path / "q.int8.onnx.report.json"
     assert report_path.is_file()
     report = json.loads(report_path.read_text())
     assert report["output"]["path"] == str(out)
@@ -107,7 +107,7 @@ def test_quantize_writes_model_report_and_table(work, tmp_path, capsys, wide):
     assert "report.json" in stdout
     assert "Traceback" not in stdout + stderr
     # nothing else (no temp file) in the output folder
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.int8.onnx", "report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.int8.onnx", "q.int8.onnx.report.json"]
 
 
 def test_quantize_json_prints_parseable_report(work, tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_quantize_json_prints_parseable_report(work, tmp_path, capsys):
     assert 0.0 <= ver["agreement"]["top1_agreement"] <= 1.0
     assert report["tool"] == "lowbit quantize"
     # the same report as the one written to disk
-    on_disk = json.loads((tmp_path / "report.json").read_text())
+    on_disk = json.loads((tmp_path / "q.onnx.report.json").read_text())
     assert on_disk["nodes"] == report["nodes"]
     assert on_disk["verification"]["flags"] == ver["flags"]
 
@@ -133,7 +133,7 @@ def test_quantize_quiet_prints_no_table(work, tmp_path, capsys):
     rc, stdout, stderr = run_cli(capsys, "quantize", work["model"], "-o", out,
                                  "--data", work["data"], "--mode", "static", "--quiet")
     assert rc == 0, stderr
-    assert out.is_file() and (tmp_path / "report.json").is_file()
+    assert out.is_file() and (tmp_path / "q.onnx.report.json").is_file()
     assert stdout.strip() == ""
     assert "speedup" not in stdout + stderr
 
@@ -151,7 +151,7 @@ def test_require_exit_code_follows_the_report_flags(work, tmp_path, capsys):
         for f in flags:
             assert f["kind"] in stderr
     # the model and report are written either way
-    assert out.is_file() and (tmp_path / "report.json").is_file()
+    assert out.is_file() and (tmp_path / "q.onnx.report.json").is_file()
     assert "Traceback" not in stdout + stderr
 
 
@@ -184,7 +184,7 @@ def test_require_fails_with_exit_1_on_a_degradation(tmp_path, capsys):
             "--mode", "static", "--calibration", "minmax", "--quiet"]
     rc, stdout, stderr = run_cli(capsys, *args)
     assert rc == 0, stderr  # flags alone are not an error
-    flags = json.loads((out_dir / "report.json").read_text())["verification"]["flags"]
+    flags = json.loads((out_dir / "deg.int8.onnx.report.json").read_text())["verification"]["flags"]
     assert "degradation" in {f["kind"] for f in flags}
 
     rc, stdout, stderr = run_cli(capsys, *args, "--require")
@@ -377,6 +377,6 @@ def test_written_files_respect_the_umask(work, tmp_path, capsys):
     finally:
         os.umask(old)
     assert rc == 0, stderr
-    for path in (out, tmp_path / "report.json"):
+    for path in (out, tmp_path / "q.onnx.report.json"):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == 0o644, f"{path.name} has mode {oct(mode)}, expected 0o644"

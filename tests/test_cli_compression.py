@@ -67,7 +67,7 @@ def tampered(work: dict[str, Path], name: str) -> Path:
 
 def test_compress_wrote_lbz_and_report(work):
     assert work["lbz"].is_file()
-    report = json.loads((work["dir"] / "report.json").read_text())
+    report = json.loads((work["dir"] / "x.lbz.report.json").read_text())
     assert report["tool"] == "lowbit compress"
     assert report["output"]["format"] == "lbz"
     assert work["lbz"].stat().st_size * 4 < work["onnx"].stat().st_size
@@ -78,9 +78,9 @@ def test_prune_to_lbz(work, capsys, tmp_path):
     out = tmp_path / "p.lbz"
     rc, stdout, err = run_cli(capsys, "prune", work["onnx"], "--sparsity", "0.9", "-o", out)
     assert rc == 0, err
-    assert out.is_file() and (tmp_path / "report.json").is_file()
+    assert out.is_file() and (tmp_path / "p.lbz.report.json").is_file()
     assert str(out) in stdout.replace("\n", "")
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "p.lbz.report.json").read_text())
     for row in report["layers"]:
         assert row["sparsity"] == pytest.approx(0.9, abs=0.01)
 

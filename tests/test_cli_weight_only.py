@@ -1,5 +1,5 @@
 """``lowbit quantize --mode weight-only`` on the command line, run in-process through
-``lowbit.cli.main``: writes the model and report.json, rejects bad options with exit 2."""
+``lowbit.cli.main``: writes the model and OUT.report.json, rejects bad options with exit 2."""
 
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ def test_weight_only_gptq_writes_model_and_report(work, capsys, tmp_path):
     rc, stdout, err = run_cli(capsys, *_quantize_args(work, out, "--bits", 4, "--group-size", 32,
                                                       "--algorithm", "gptq", "--quiet"))
     assert rc == 0, err
-    assert out.is_file() and (tmp_path / "report.json").is_file()
-    report = json.loads((tmp_path / "report.json").read_text())
+    assert out.is_file() and (tmp_path / "gpt.int4.onnx.report.json").is_file()
+    report = json.loads((tmp_path / "gpt.int4.onnx.report.json").read_text())
     wo = report["weight_only"]
     assert (wo["bits"], wo["group_size"], wo["algorithm"], wo["symmetric"]) == (4, 32, "gptq", True)
     assert report["calibration"]["samples"] > 0
@@ -88,7 +88,7 @@ def test_json_output_is_the_report(work, capsys, tmp_path):
     assert rc == 0, err
     printed = json.loads(stdout)
     assert printed["weight_only"]["group_size"] == 64
-    assert printed["weight_only"] == json.loads((tmp_path / "report.json").read_text())["weight_only"]
+    assert printed["weight_only"] == json.loads((tmp_path / "m.onnx.report.json").read_text())["weight_only"]
 
 
 def test_asymmetric_hqq_and_bits_3(work, capsys, tmp_path):
@@ -104,7 +104,7 @@ def test_asymmetric_hqq_and_bits_3(work, capsys, tmp_path):
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         assert nbits and all(len(n.input) >= 4 and n.input[3] for n in nbits), \
             f"{name}: zero points must be written"
-        report = json.loads((folder / "report.json").read_text())
+        report = json.loads((folder / "m.onnx.report.json").read_text())
         assert report["weight_only"]["symmetric"] is False or name == "b3"
         assert report["weight_only"]["bits"] == (3 if name == "b3" else 4)
 
@@ -119,7 +119,8 @@ def test_accuracy_level_options_both_run(work, capsys, tmp_path, level):
     levels = {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {level}
-    assert json.loads((tmp_path / "report.json").read_text())["weight_only"]["accuracy_level"] == level
+    report = json.loads((tmp_path / f"acc{level}.onnx.report.json").read_text())
+    assert report["weight_only"]["accuracy_level"] == level
 
 
 @pytest.mark.parametrize(("extra", "option"), [
@@ -155,7 +156,7 @@ def test_token_ids_outside_the_vocabulary_exit_2(work, capsys, tmp_path):
     rc, _, err = run_cli(capsys, "quantize", work["model"], "-o", out, "--data", bad,
                          "--mode", "weight-only", "--bits", 4, "--group-size", 32, "--quiet")
     assert rc == 2 and "'input'" in err and str(VOCAB + 3) in err
-    assert not out.exists() and not (tmp_path / "report.json").exists()
+    assert not out.exists() and not (tmp_path / "m.onnx.report.json").exists()
 
 
 @pytest.mark.parametrize("args", [

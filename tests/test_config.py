@@ -92,8 +92,9 @@ def test_lists_become_tuples_and_enums_parse_from_strings() -> None:
     assert c.calibration is CalibrationMethod.ENTROPY
     assert c.weight_granularity is WeightGranularity.CHANNEL
     assert c.exclude_nodes == ("x",)
-    p = PruneConfig(scope="GLOBAL", nm=[1, 4], layers=["a", "b"])
-    assert p.scope is PruneScope.GLOBAL and p.nm == (1, 4) and p.layers == ("a", "b")
+    p = PruneConfig(scope="GLOBAL", layers=["a", "b"])
+    assert p.scope is PruneScope.GLOBAL and p.layers == ("a", "b")
+    assert PruneConfig(nm=[1, 4]).nm == (1, 4)
     assert StructuredPruneConfig(importance="l2").importance is ChannelImportance.L2
     assert ClusterConfig(init="random").init is ClusterInit.RANDOM
     assert WeightOnlyConfig(algorithm="GPTQ").algorithm is WeightOnlyAlgorithm.GPTQ
@@ -279,9 +280,17 @@ def test_hqq_symmetric_refused() -> None:
 
 @pytest.mark.parametrize(("nm", "expected"), [((2, 4), 0.5), ((1, 4), 0.75), ((3, 4), 0.25),
                                               ((1, 8), 0.875), (None, 0.3)])
-def test_effective_sparsity(nm: tuple[int, int] | None, expected: float) -> None:
-    c = PruneConfig(sparsity=0.3, nm=nm)
-    assert c.effective_sparsity == pytest.approx(expected)
+def test_nm_fixes_the_sparsity(nm: tuple[int, int] | None, expected: float) -> None:
+    c = PruneConfig(nm=nm) if nm else PruneConfig(sparsity=0.3)
+    assert c.sparsity == pytest.approx(expected)
+    assert PruneConfig(sparsity=expected, nm=nm).sparsity == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("kwargs", "named"), [({"sparsity": 0.9, "nm": (2, 4)}, "contradicts"),
+                                               ({"nm": (2, 4), "scope": "global"}, "scope")])
+def test_nm_refuses_what_it_would_ignore(kwargs: dict, named: str) -> None:
+    with pytest.raises(ValidationError, match=named):
+        PruneConfig(**kwargs)
 
 
 def test_quality_target_and_trains_flags() -> None:

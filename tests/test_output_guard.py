@@ -3,6 +3,7 @@ work, the input untouched (issue 9's data-loss cases)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_output_equal_to_an_input_is_refused(files, capsys, verb, target):
 
 
 @pytest.mark.parametrize("output", ["", "adir", "adir/", "report.json"])
-def test_folders_and_the_report_name_are_refused(files, capsys, output):
+def test_folders_and_other_extensions_are_refused(files, capsys, output):
     (files["dir"] / "adir").mkdir()
     cwd = os.getcwd()
     os.chdir(files["dir"])
@@ -105,3 +106,36 @@ def test_demo_checks_its_options_before_training(tmp_path, capsys, option):
     out = tmp_path / "d"
     assert main(["demo", "-o", str(out), *option]) == 2
     assert not out.exists()  # refused before the folder or any model was written
+
+
+def test_each_output_gets_its_own_report(files, capsys):
+    """Two models written into one folder keep two reports (OUT.report.json)."""
+    for name in ("a.onnx", "b.onnx"):
+        assert main(["quantize", str(files["model"]), "-o", str(files["dir"] / name), "--data",
+                     str(files["data"]), "--quiet"]) == 0
+    capsys.readouterr()
+    for name in ("a.onnx", "b.onnx"):
+        report = json.loads((files["dir"] / f"{name}.report.json").read_text())
+        assert report["output"]["path"].endswith(name)
+
+
+def test_a_report_that_would_replace_an_input_is_refused(files, capsys):
+    data = files["dir"] / "q.onnx.report.json"
+    data.write_bytes(files["data"].read_bytes())
+    before = data.read_bytes()
+    rc = main(["quantize", str(files["model"]), "-o", str(files["dir"] / "q.onnx"), "--data",
+               str(data)])
+    assert rc == 2
+    assert "never overwrites an input" in capsys.readouterr().err
+    assert data.read_bytes() == before and not (files["dir"] / "q.onnx").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir() or os.name != "posix", reason="needs /proc")
+@pytest.mark.parametrize("verb", ["quantize", "demo"])
+def test_a_folder_where_nothing_can_be_created_is_refused(files, capsys, verb):
+    out = "/proc/lowbit-out" if verb == "demo" else "/proc/q.onnx"
+    args = ["demo", "-o", out] if verb == "demo" else \
+        ["quantize", str(files["model"]), "-o", out, "--data", str(files["data"])]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "internal error" not in err

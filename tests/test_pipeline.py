@@ -76,7 +76,7 @@ def test_compress_loads_encodes_and_verifies_once(lenet, counts, tmp_path):
     out = cm.save(tmp_path / "lenet.lbz")
     assert counts.calls == {"normalise": 1, "encode": 1, "verify_model": 1,
                             "measure_side_by_side": 1}
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "lenet.lbz.report.json").read_text())
     assert report["sizes"]["lbz_bytes"] == out.stat().st_size  # the one encoding is the file
     assert [s["kind"] for s in report["stages"]] == ["prune", "cluster"]
     assert set(report["settings"]) == {"prune", "cluster"}

@@ -1,5 +1,5 @@
 """The pruning / weight-sharing API verbs (``lowbit.api``): prune, cluster, compress,
-``CompressedModel.save`` to .onnx and .lbz, report.json, and bad input."""
+``CompressedModel.save`` to .onnx and .lbz, OUT.report.json, and bad input."""
 
 from __future__ import annotations
 
@@ -347,7 +347,7 @@ def test_lbz_decodes_bit_for_bit_with_the_container_reader(compressed, digits):
 
 def test_report_json_is_written_beside_the_lbz(compressed):
     cm, _, lbz, d = compressed
-    report = json.loads((d / "report.json").read_text())
+    report = json.loads((d / "lenet.lbz.report.json").read_text())
     assert report["tool"] == "lowbit compress"
     sizes = report["sizes"]
     assert sizes["lbz_bytes"] < sizes["float_onnx_bytes"]
@@ -367,14 +367,14 @@ def test_save_as_onnx_writes_a_dense_model(compressed, tmp_path, digits):
     onnx.checker.check_model(model)
     _, (x_te, _) = _flat(digits)
     assert np.array_equal(_run(model, x_te[:32]), _run(cm.model, x_te[:32]))
-    assert json.loads((tmp_path / "report.json").read_text())["output"]["format"] == "onnx"
+    assert json.loads((tmp_path / "m.onnx.report.json").read_text())["output"]["format"] == "onnx"
 
 
 def test_compress_is_deterministic(lenet, tmp_path):
     a = compress(lenet, sparsity=0.8, bits=3).save(tmp_path / "a.lbz", report=False)
     b = compress(lenet, sparsity=0.8, bits=3).save(tmp_path / "b.lbz", report=False)
     assert a.read_bytes() == b.read_bytes()
-    assert not (tmp_path / "report.json").exists()
+    assert not list(tmp_path.glob("*.report.json"))
 
 
 # ---------------------------------------------------------------- bad input

@@ -21,6 +21,7 @@ from lowbit.config import (
     StageConfig,
     StructuredPruneConfig,
     WeightOnlyConfig,
+    check_run_settings,
 )
 from lowbit.errors import ValidationError
 from lowbit.model_io import read_any
@@ -80,7 +81,7 @@ def quantize(model: Any, data: Any, *, mode: str | None = None, calibration: str
                verify=verify, progress=progress, tool=tool)
 
 
-def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = False,
+def prune(model: Any, data: Any = None, *, sparsity: float | None = None, structured: bool = False,
           scope: str = "layer", nm: tuple[int, int] | None = None, importance: str = "l1",
           epochs: int = 0, lr: float = 1e-3, batch_size: int = 32, eval_data: Any = None,
           layers: list[str] | tuple[str, ...] = (), seed: int = 0, threads: int = 1,
@@ -91,6 +92,8 @@ def prune(model: Any, data: Any = None, *, sparsity: float, structured: bool = F
     >>> cm = prune("lenet.onnx", "train.npz", sparsity=0.9, epochs=5)   # doctest: +SKIP
     >>> cm.save("lenet.pruned.lbz")                                      # doctest: +SKIP
     """
+    if sparsity is None and nm is None:
+        raise ValidationError("option sparsity: give the fraction to remove (or nm, e.g. 2:4)")
     if structured and (nm is not None or scope != "layer"):
         raise ValidationError("options nm and scope apply to unstructured pruning, not structured")
     if not structured and importance != "l1":
@@ -161,13 +164,14 @@ def sensitivity(model: Any, data: Any, *, min_cosine: float | None = None,
     from lowbit.stages.mixed import plan_for_target
 
     if (min_cosine is None) == (max_bits is None):
-        raise ValidationError("give exactly one target: min_cosine or max_bits")
+        raise ValidationError("options min_cosine or max_bits: give exactly one target")
     if min_cosine is not None:
         Int8Config(min_cosine=min_cosine)  # validates the range: (0, 1]
     if max_bits is not None and not (isinstance(max_bits, (int, float)) and 4.0 <= max_bits <= 32.0):
         raise ValidationError(f"option max_bits: {max_bits!r} must be a number in [4, 32] "
                               "(average bits per weight)")
     MixedPrecisionConfig(group_size=group_size)  # validates the group size
+    check_run_settings(threads=threads)
     fm, _, _ = resolve_model(model, data)
     calib = as_dataset(data, input_specs_of_model(fm.proto), limit=256)
     return plan_for_target(fm, calib, min_cosine=min_cosine, max_bits=max_bits,

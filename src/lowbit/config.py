@@ -46,14 +46,11 @@ class WeightGranularity(str, enum.Enum):
 
 
 class WeightOnlyAlgorithm(str, enum.Enum):
-    RTN = "rtn"
-    GPTQ = "gptq"
-    HQQ = "hqq"
+    RTN, GPTQ, HQQ = "rtn", "gptq", "hqq"
 
 
 class PruneScope(str, enum.Enum):
-    LAYER = "layer"
-    GLOBAL = "global"
+    LAYER, GLOBAL = "layer", "global"
 
 
 class ChannelImportance(str, enum.Enum):
@@ -65,9 +62,7 @@ class ChannelImportance(str, enum.Enum):
 
 
 class ClusterInit(str, enum.Enum):
-    LINEAR = "linear"
-    DENSITY = "density"
-    RANDOM = "random"
+    LINEAR, DENSITY, RANDOM = "linear", "density", "random"
 
 
 class Precision(str, enum.Enum):
@@ -121,6 +116,16 @@ def _group_size(value: Any) -> int:
         raise ValidationError(f"option group_size: {value!r} must be one of "
                               f"{', '.join(map(str, GROUP_SIZES))}")
     return int(value)
+
+
+# bounds of a run's settings (threads, batch, ...; not a technique's): beyond them, a typo
+RUN_LIMITS = {"threads": (1, 1024), "batch": (1, 65536), "iterations": (1, 1_000_000),
+              "epochs": (1, 100_000), "seed": (0, 2**32 - 1)}
+
+
+def check_run_settings(**values: Any) -> None:
+    for name, value in values.items():
+        _integer(value, name, *RUN_LIMITS[name])
 
 
 def _integer(value: Any, option: str, lo: int, hi: int | None = None) -> int:
@@ -225,6 +230,9 @@ class Int8Config(StageConfig):
     def __post_init__(self) -> None:
         self._set("mode", parse_enum(QuantMode, self.mode, "mode"))
         self._set("calibration", parse_enum(CalibrationMethod, self.calibration, "calibration"))
+        if self.mode is QuantMode.DYNAMIC and self.calibration is not CalibrationMethod.AUTO:
+            raise ValidationError("option calibration: does not apply with mode dynamic (its "
+                                  "activations are quantized at run time, not calibrated)")
         self._set("weight_granularity", parse_enum(WeightGranularity, self.weight_granularity,
                                                    "weight_granularity"))
         self._set("exclude_nodes", _names(self.exclude_nodes, "exclude_nodes"))
@@ -321,27 +329,33 @@ class PruneConfig(_Training, StageConfig):
 
     kind: ClassVar[str] = "prune"
     trains: ClassVar[bool] = True
-    sparsity: float = 0.5
+    sparsity: float | None = None  # default 0.5, or 1 - n/m with nm (which fixes it)
     scope: PruneScope = PruneScope.LAYER
     nm: tuple[int, int] | None = None
     layers: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        _number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
         self._set("scope", parse_enum(PruneScope, self.scope, "scope"))
+        implied = 0.5
         if self.nm is not None:
             pair = tuple(self.nm) if isinstance(self.nm, (tuple, list)) else ()
             if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
                                          for v in pair) or not 1 <= pair[0] < pair[1]:
                 raise ValidationError(f"option nm (n:m): need integers 1 <= n < m, got {self.nm!r}")
             self._set("nm", (int(pair[0]), int(pair[1])))
+            implied = 1.0 - pair[0] / pair[1]
+            if self.scope is PruneScope.GLOBAL:
+                raise ValidationError("option scope: global does not apply to N:M pruning (each "
+                                      "group of m keeps its n largest)")
+        if self.sparsity is None:
+            self._set("sparsity", implied)
+        _number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
+        if self.nm is not None and abs(float(self.sparsity) - implied) > 1e-9:
+            raise ValidationError(f"option sparsity: {self.sparsity} contradicts option nm "
+                                  f"({self.nm[0]}:{self.nm[1]} removes {implied:g} of the "
+                                  "weights); leave out option sparsity")
         self._set("layers", _names(self.layers, "layers"))
         self._check_training()
-
-    @property
-    def effective_sparsity(self) -> float:
-        """The fraction of weights removed (N:M fixes it at 1 - N/M)."""
-        return 1.0 - self.nm[0] / self.nm[1] if self.nm else float(self.sparsity)
 
 
 @dataclass(frozen=True)

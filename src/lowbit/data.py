@@ -8,15 +8,14 @@ axis = samples) and optional labels ``y``. Files are read with
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lowbit.errors import DataError
+from lowbit.npz import load_npz
 
 LABEL_KEYS = ("y", "labels", "label")
 
@@ -32,9 +31,14 @@ class InputSpec:
 
 @dataclass
 class Dataset:
+    """Samples for a model's inputs, and optional labels. ``fixed_batch``: the batch size
+    the model's inputs are declared with (a static first dimension), which every batch
+    then has."""
+
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = "data"
+    fixed_batch: int | None = None
 
     @property
     def num_samples(self) -> int:
@@ -44,78 +48,26 @@ class Dataset:
         return Dataset(
             {k: v[start:stop] for k, v in self.inputs.items()},
             None if self.labels is None else self.labels[start:stop],
-            self.source,
+            self.source, self.fixed_batch,
         )
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, self.num_samples, batch_size):
-            yield {k: v[start : start + batch_size] for k, v in self.inputs.items()}
+        """Consecutive batches; with ``fixed_batch`` each has exactly that size (the last
+        one filled up from the start), and a caller keeps the first ``num_samples`` results."""
+        size = self.fixed_batch or batch_size
+        n = self.num_samples
+        for start in range(0, n, size):
+            if self.fixed_batch and start + size > n:
+                idx = np.arange(start, start + size) % n
+                yield {k: np.ascontiguousarray(v[idx]) for k, v in self.inputs.items()}
+            else:
+                yield {k: v[start : start + size] for k, v in self.inputs.items()}
 
     def feed(self, batch_size: int) -> dict[str, np.ndarray]:
-        """One batch of exactly ``batch_size`` samples (repeating samples if needed)."""
-        n = self.num_samples
-        idx = np.arange(batch_size) % n
+        """One batch of exactly ``batch_size`` samples (``fixed_batch`` if the model has
+        one; repeating samples if needed)."""
+        idx = np.arange(self.fixed_batch or batch_size) % self.num_samples
         return {k: np.ascontiguousarray(v[idx]) for k, v in self.inputs.items()}
-
-
-def load_npz(path: str | os.PathLike[str], limit: int | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an .npz file; with ``limit``, only the first ``limit`` rows of each
-    are read (streamed from the archive), so a huge calibration file costs no more
-    memory than the samples used."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data file not found: {p}")
-    if p.is_dir():
-        raise DataError(f"data path is a folder, expected an .npz file: {p}")
-    if p.stat().st_size == 0:
-        raise DataError(f"data file is empty: {p}")
-    try:
-        with np.load(str(p), allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise DataError(f"data file {p} is a single .npy array; expected an .npz archive")
-            if limit is None:
-                arrays = {k: npz[k] for k in npz.files}
-            else:
-                declared: dict[str, int] = {}
-                arrays = {k: _read_rows(npz, k, limit, declared) for k in npz.files}
-                if len(set(declared.values())) > 1:
-                    raise DataError(f"data file {p}: arrays have different sample counts "
-                                    f"{declared}")
-    except DataError:
-        raise
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise DataError(
-                f"data file {p} holds Python objects (pickled); lowbit only reads plain "
-                "numeric arrays and never unpickles data"
-            ) from None
-        raise DataError(f"data file {p} is not a readable .npz archive: {exc}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"data file {p} is not a readable .npz archive: {exc}") from None
-    if not arrays:
-        raise DataError(f"data file {p} holds no arrays")
-    return arrays
-
-
-def _read_rows(npz: Any, key: str, limit: int, declared: dict[str, int]) -> np.ndarray:
-    """The first ``limit`` rows of member ``key`` without reading the rest."""
-    from numpy.lib import format as npy_format
-
-    with npz.zip.open(f"{key}.npy") as fh:
-        version = npy_format.read_magic(fh)
-        reader = (npy_format.read_array_header_1_0 if version == (1, 0)
-                  else npy_format.read_array_header_2_0)
-        shape, fortran, dtype = reader(fh)
-        if len(shape):
-            declared[key] = int(shape[0])
-        if fortran or dtype.hasobject or len(shape) == 0 or shape[0] <= limit:
-            return npz[key]  # the plain reader (refuses pickled objects)
-        rows = limit
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        buf = fh.read(rows * row_bytes)
-        if len(buf) != rows * row_bytes:
-            raise EOFError(f"member {key} is truncated")
-        return np.frombuffer(buf, dtype=dtype).reshape((rows, *shape[1:])).copy()
 
 
 def _to_numpy(value: Any, what: str) -> np.ndarray:
@@ -154,12 +106,15 @@ def as_dataset(
     *,
     source: str | None = None,
     limit: int | None = None,
+    output: tuple[int | str | None, ...] | None = None,
 ) -> Dataset:
     """Turn ``data`` into a validated ``Dataset`` for a model with inputs ``specs``.
 
     ``data``: path to .npz; array (single-input model); dict of arrays by input
     name (or ``x``), optional ``y``; ``(x, y)`` tuple; torch tensors; or an
     iterable of batches such as a DataLoader (at most ``limit`` samples are read).
+    ``output``: the shape of the model's first output, to check the labels against
+    (``check_labels``).
     """
     labels: np.ndarray | None = None
     if isinstance(data, (str, os.PathLike)):
@@ -199,13 +154,71 @@ def as_dataset(
     if n == 0:
         raise DataError(f"{source}: no samples (the arrays are empty)")
     if labels is not None:
-        labels = labels.reshape(-1) if labels.ndim > 1 and labels.shape[-1] == 1 else labels
-        if labels.shape[0] != n:
-            raise DataError(f"{source}: {labels.shape[0]} labels for {n} samples")
+        if labels.ndim == 0 or labels.shape[0] != n:
+            raise DataError(f"{source}: {labels.shape[0] if labels.ndim else 0} labels for "
+                            f"{n} samples")
+        labels = check_labels(labels, output, source)
     if limit is not None and n > limit:
         inputs = {k: v[:limit] for k, v in inputs.items()}
         labels = None if labels is None else labels[:limit]
-    return Dataset(inputs, labels, source)
+    return Dataset(inputs, labels, source, fixed_batch(specs))
+
+
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size a model's inputs declare (a static first dimension), if any."""
+    dims = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    return dims.pop() if len(dims) == 1 else None
+
+
+def synthetic_dataset(specs: list[InputSpec], samples: int, seed: int = 0,
+                      source: str = "synthetic inputs") -> Dataset:
+    """``samples`` seeded random inputs for a model with inputs ``specs``."""
+    return Dataset(synthetic_feed(specs, samples, seed), None, source, fixed_batch(specs))
+
+
+def check_labels(labels: np.ndarray, output: tuple[int | str | None, ...] | None,
+                 source: str) -> np.ndarray:
+    """Labels as the model's first output (shape ``output``) can use them.
+
+    A classifier (output [N, K], K >= 2) takes class indices in [0, K): integers, floats
+    with integral values, or one-hot rows (N, K), which become indices. Any other output
+    keeps its labels as targets (regression; fine-tuning checks their shape). Anything
+    else is refused here, before any work, with the reason."""
+    what = f"{source}: labels 'y'"
+    if not np.all(np.isfinite(labels)):
+        raise DataError(f"{what} hold NaN or infinite values")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)
+    classes = output[1] if output is not None and len(output) == 2 else None
+    classifier = output is not None and len(output) == 2 and (
+        not isinstance(classes, int) or classes >= 2)
+    if labels.ndim == 2 and classifier and _one_hot(labels):
+        if isinstance(classes, int) and labels.shape[1] != classes:
+            raise DataError(f"{what} are one-hot with {labels.shape[1]} classes but the model "
+                            f"outputs {classes}")
+        return np.argmax(labels, axis=1).astype(np.int64)
+    if classifier and labels.ndim == 1:
+        if labels.dtype.kind == "f":
+            if not np.all(labels == np.round(labels)):
+                raise DataError(f"{what} are not class indices (e.g. {_first_fraction(labels):g}); "
+                                "a classifier needs integers 0..K-1 or one-hot rows")
+            labels = labels.astype(np.int64)
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (isinstance(classes, int) and high >= classes):
+            span = f"0..{classes - 1}" if isinstance(classes, int) else ">= 0"
+            raise DataError(f"{what} run from {low} to {high} but the model's output has "
+                            f"classes {span}")
+        return labels
+    return labels  # targets of another output (regression): checked where they are used
+
+
+def _one_hot(labels: np.ndarray) -> bool:
+    return labels.shape[1] >= 2 and bool(np.all((labels == 0) | (labels == 1))) and \
+        bool(np.all(labels.sum(axis=1) == 1))
+
+
+def _first_fraction(labels: np.ndarray) -> float:
+    return float(labels[labels != np.round(labels)][0])
 
 
 def _match_inputs(raw: dict[str, Any], specs: list[InputSpec], source: str) -> dict[str, np.ndarray]:
@@ -265,7 +278,8 @@ DEFAULT_DYNAMIC_DIM = 16  # non-batch dynamic dims (e.g. sequence length) withou
 
 
 def synthetic_feed(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs of the right shape and dtype (for timing only)."""
+    """``batch`` seeded random rows of each input's shape and dtype (the first dimension
+    is ``batch`` even where the model fixes it: ``synthetic_dataset`` batches them)."""
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in specs:

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.config import check_run_settings
 from lowbit.errors import ValidationError
-from lowbit.fileio import write_bytes_atomic
+from lowbit.fileio import check_folder_writable, write_bytes_atomic
 
 CALIBRATION_SAMPLES = 256
 
@@ -39,9 +40,7 @@ def run_demo(
     from lowbit.data import digits_split
     from lowbit.models import digits_cnn
 
-    for option, value in (("epochs", epochs), ("threads", threads), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValidationError(f"option {option}: {value!r} must be an integer >= 1")
+    check_run_settings(epochs=epochs, threads=threads, batch=batch, seed=seed)
     out = Path(out_dir)
     if not str(out_dir) or (out.exists() and not out.is_dir()):
         raise ValidationError(f"option --output: '{out}' exists and is not a folder")
@@ -49,6 +48,7 @@ def run_demo(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValidationError(f"option --output: cannot create folder {out}: {exc.strerror}") from None
+    check_folder_writable(out, "--output")
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
     try:
@@ -76,7 +76,7 @@ def run_demo(
         "train_seconds": round(t_train, 3), "calibration_samples": CALIBRATION_SAMPLES,
     }
     int8_path = out / "digits_cnn.int8.onnx"
-    qm.save(int8_path)
+    qm.save(int8_path, report=False)  # the demo's one report is report.json
     qm.report["seconds"]["demo_total"] = round(time.perf_counter() - t0, 3)
     from lowbit.fileio import write_json_atomic
 

@@ -69,31 +69,53 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def report_path(output: str | os.PathLike[str]) -> Path:
+    """Where the report of a model written to ``output`` goes: ``OUT.report.json`` beside
+    it, so two outputs in one folder never share (or overwrite) a report."""
+    out = Path(output)
+    return out.with_name(out.name + ".report.json")
+
+
 def check_output_path(path: str | os.PathLike[str], inputs: tuple[Any, ...] = (), *,
                       option: str = "--output", report: bool = True,
                       suffixes: tuple[str, ...] = ()) -> Path:
-    """Refuse, before any work, an output that would destroy something: a folder, a
-    device or other non-regular file, a missing folder, any of ``inputs`` (paths; other
-    values are ignored), or (with ``report``) a file named like the report written beside
-    it. Returns the path."""
+    """Refuse, before any work, an output that would destroy something or cannot be
+    written: a folder, a device or other non-regular file, a missing or read-only folder,
+    or any of ``inputs`` (paths; other values are ignored). With ``report`` the same holds
+    for the report written beside it (``report_path``). Returns the path."""
     raw = os.fspath(path)
     target = Path(raw)
     if not raw or raw.endswith(os.sep) or target.is_dir():
         raise ValidationError(f"option {option}: '{raw}' is a folder; give a file name")
+    for out in (target, report_path(target)) if report else (target,):
+        _check_target(out, inputs, option)
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise ValidationError(f"option {option}: {target.name} - the extension decides the "
+                              f"format; use one of {', '.join(suffixes)}")
+    check_folder_writable(target.parent if str(target.parent) else Path("."), option)
+    return target
+
+
+def _check_target(target: Path, inputs: tuple[Any, ...], option: str) -> None:
+    if target.is_dir():
+        raise ValidationError(f"option {option}: {target} is a folder")
     if target.exists() and not target.is_file():
         raise ValidationError(f"option {option}: {target} exists and is not a regular file")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValidationError(f"option {option}: folder does not exist: {folder}")
-    if report and target.name == "report.json":
-        raise ValidationError(f"option {option}: {target} is where the report goes; pick "
-                              "another name for the model")
     for item in inputs:
         if isinstance(item, (str, os.PathLike)) and target.exists() and Path(item).exists() \
                 and os.path.samefile(target, item):
             raise ValidationError(f"option {option}: {target} is an input of this command "
                                   f"({item}); lowbit never overwrites an input")
-    if suffixes and target.suffix.lower() not in suffixes:
-        raise ValidationError(f"option {option}: {target.name} - the extension decides the "
-                              f"format; use one of {', '.join(suffixes)}")
-    return target
+
+
+def check_folder_writable(folder: Path, option: str) -> None:
+    """The folder exists and a file can be created in it (tried, then removed)."""
+    if not folder.is_dir():
+        raise ValidationError(f"option {option}: folder does not exist: {folder}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lowbit-probe.", dir=folder)
+    except OSError as exc:
+        raise ValidationError(f"option {option}: cannot create files in {folder} "
+                              f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)

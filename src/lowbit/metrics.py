@@ -45,6 +45,6 @@ def top1_agreement(reference: np.ndarray, approx: np.ndarray) -> float | None:
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+    if scores.ndim != 2 or labels.ndim != 1 or scores.shape[0] != labels.shape[0]:
         return None
     return float(np.mean(np.argmax(scores, axis=1) == labels.reshape(-1)))

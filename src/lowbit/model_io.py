@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lowbit.backends.onnx.load import load_model, normalise, read_model
+from lowbit.backends.onnx.load import check_opset, load_model, normalise, read_model
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.errors import DataError, ModelLoadError, ValidationError
 
@@ -32,6 +32,7 @@ def decode_lbz(data: bytes, source: str) -> onnx.ModelProto:
     from lowbit.container import decode
 
     model = decode(data, source=source)
+    check_opset(model, source)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -40,10 +41,18 @@ def decode_lbz(data: bytes, source: str) -> onnx.ModelProto:
 
 
 def read_any(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read an ONNX file or a lowbit .lbz file (told apart by content, not name)."""
+    """Read an ONNX file or a lowbit .lbz file (told apart by content; a file named .lbz
+    that is not ONNX either gets the .lbz decoder's reason)."""
+    from lowbit.container import read_lbz_file
+
     if is_lbz(path):
-        return decode_lbz(Path(path).read_bytes(), str(path))
-    return read_model(path)
+        return decode_lbz(read_lbz_file(path), str(path))
+    try:
+        return read_model(path)
+    except ModelLoadError:
+        if Path(path).suffix.lower() != ".lbz" or not Path(path).is_file():
+            raise
+        return decode_lbz(read_lbz_file(path), str(path))
 
 
 def is_torch_module(obj: Any) -> bool:
@@ -58,7 +67,7 @@ def first_batch(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: v for k, v in data.items() if k not in ("y", "labels", "label")}
     if isinstance(data, (str, os.PathLike)):
-        from lowbit.data import load_npz
+        from lowbit.npz import load_npz
 
         arrays = load_npz(data, limit=2)  # export needs one small batch only
         return arrays.get("x", next(iter(arrays.values())))

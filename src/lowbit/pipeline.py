@@ -24,7 +24,7 @@ import onnx
 
 import lowbit.stages  # noqa: F401  (registers every stage)
 from lowbit.backends.onnx.checks import check_token_ids
-from lowbit.backends.onnx.session import input_specs_of_model, make_session
+from lowbit.backends.onnx.session import first_output_shape, input_specs_of_model, make_session
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.backends.onnx.writer import write_model
 from lowbit.config import (
@@ -36,10 +36,11 @@ from lowbit.config import (
     StageConfig,
     StructuredPruneConfig,
     WeightOnlyConfig,
+    check_run_settings,
 )
 from lowbit.data import Dataset, as_dataset, split_holdout
 from lowbit.errors import ValidationError
-from lowbit.fileio import check_output_path, write_bytes_atomic, write_json_atomic
+from lowbit.fileio import check_output_path, report_path, write_bytes_atomic, write_json_atomic
 from lowbit.model_io import resolve_model
 from lowbit.report.build import build_report, weight_section
 from lowbit.report.verify import verify as verify_model
@@ -51,7 +52,7 @@ HOLDOUT_FRACTION = 0.2
 
 class CompressedModel:
     """The result of a run: the model, its report, and ``save`` (``.lbz`` or ``.onnx``
-    by suffix, plus ``report.json`` beside it).
+    by suffix, plus ``OUT.report.json`` beside it).
 
     ``fm`` is the float model after the weight stages (before any quantization)."""
 
@@ -73,7 +74,8 @@ class CompressedModel:
     def save(self, path: str | os.PathLike[str], *, report: bool = True) -> Path:
         """Write the model atomically: ``.lbz`` compressed, anything else ONNX; never over
         a file the run read."""
-        out = check_output_path(path, self._inputs, option="path", report=report)
+        out = check_output_path(path, self._inputs, option="path", report=report,
+                                suffixes=(".onnx", ".lbz"))
         if out.suffix == ".lbz":
             if self._lbz is None:
                 from lowbit.container import encode
@@ -90,7 +92,7 @@ class CompressedModel:
         if base:
             self.report["output"]["size_ratio"] = round(base / max(1, size), 3)
         if report:
-            write_json_atomic(out.parent / "report.json", self.report)
+            write_json_atomic(report_path(out), self.report)
         return out
 
     def run(self, inputs: dict[str, np.ndarray] | np.ndarray, *, threads: int = 1) -> list[Any]:
@@ -128,11 +130,12 @@ def _datasets(fm: FloatModel, data: Any, eval_data: Any, stages: Sequence[StageC
     # without training, only the samples calibration uses (and the held-back part) are read
     cap = max((getattr(c, "max_calibration_samples", 0) for c in stages), default=0)
     limit = None if trains or not cap else cap * 2 + 1024
-    dataset = as_dataset(data, specs, limit=limit) if data is not None else None
+    output = first_output_shape(fm.proto)
+    dataset = as_dataset(data, specs, limit=limit, output=output) if data is not None else None
     if dataset is not None:
         check_token_ids(fm, dataset)
     if eval_data is not None:
-        held = as_dataset(eval_data, specs)
+        held = as_dataset(eval_data, specs, output=output)
         check_token_ids(fm, held)
         return dataset, held, True
     if dataset is None:
@@ -152,9 +155,7 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
         raise ValidationError("quantization needs data (--data) to calibrate and verify")
     if data is None and any(getattr(c, "epochs", 0) > 0 for c in stages):
         raise ValidationError("option epochs: fine-tuning needs data with labels (--data)")
-    for option, value in (("threads", threads), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValidationError(f"option {option}: {value!r} must be an integer >= 1")
+    check_run_settings(threads=threads, batch=batch)
     t0 = time.perf_counter()
     keep_bn = any(isinstance(c, StructuredPruneConfig) and c.importance is ChannelImportance.BN
                   for c in stages)

@@ -155,16 +155,29 @@ def test_accuracy_with_labels_gives_drop_points(reference: onnx.ModelProto,
     assert not any("accuracy" in f["message"] for f in same["flags"])
 
 
-def test_without_holdout_no_agreement_but_latency(reference: onnx.ModelProto,
-                                                  permuted: onnx.ModelProto) -> None:
+def test_without_holdout_a_collapse_is_flagged_on_synthetic_inputs(
+        reference: onnx.ModelProto, permuted: onnx.ModelProto) -> None:
     result = verify(reference, permuted, None, iterations=5, batch=3)
-    assert "agreement" not in result
+    assert result["agreement"]["source"].startswith("synthetic")
+    assert result["agreement"]["samples"] == verify_module.SYNTHETIC_SAMPLES
     assert result["checker"] == "passed"
     assert result["latency"]["batch"] == 3
     assert result["latency"]["float"]["iterations"] >= 5
     assert result["latency"]["compressed"]["iterations"] >= 5
-    # nothing to compare, so no quality flag (even though the model is wrong)
+    # every arg-max moved: a collapse, flagged and called a synthetic-input check
+    flags = [f for f in result["flags"] if f["kind"] == "degradation"]
+    assert len(flags) == 1 and "synthetic inputs" in flags[0]["message"]
+
+
+def test_without_holdout_a_small_change_is_not_flagged(reference: onnx.ModelProto,
+                                                      weights) -> None:
+    """On random inputs only a collapse counts: a 1% weight change is no alarm."""
+    w, b = weights
+    rng = np.random.default_rng(3)
+    nudged = gemm_model((w * (1 + 0.01 * rng.standard_normal(w.shape))).astype(np.float32), b)
+    result = verify(reference, nudged, None, iterations=5, batch=3)
     assert not QUALITY_FLAGS & set(_kinds(result))
+    assert result["agreement"]["cosine"] > 0.99
 
 
 def test_without_holdout_times_on_seeded_synthetic_feed(reference: onnx.ModelProto,
@@ -379,3 +392,15 @@ def test_evaluate_model_accuracy_and_shapes(model_files, reference: onnx.ModelPr
     assert permuted_acc < by_path["accuracy"]
     without_labels = evaluate_model(reference, x[:10])
     assert without_labels == {"samples": 10, "output_shapes": [[10, OUT]]}
+
+
+def test_without_holdout_a_miss_short_of_a_collapse_is_unverified(reference: onnx.ModelProto,
+                                                                  weights) -> None:
+    """Agreement below the real-data target but no collapse: quality unknown, said so."""
+    w, b = weights
+    rng = np.random.default_rng(4)
+    noisy = gemm_model((w + 0.35 * np.std(w) * rng.standard_normal(w.shape)).astype(np.float32), b)
+    result = verify(reference, noisy, None, iterations=5, batch=3)
+    ag = result["agreement"]
+    assert verify_module.COLLAPSE_TOP1_AGREEMENT <= ag["top1_agreement"] < 0.98, ag
+    assert _kinds(result).count("unverified") == 1 and "degradation" not in _kinds(result)

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import sys
 
+import typer
+
 from lowbit.cli import build_verbs, read_verbs  # noqa: F401  (register the verbs, in order)
-from lowbit.cli.common import app, err_console, out_console
+from lowbit.cli.common import app, cli_message, err_console, out_console
 from lowbit.errors import LowbitError
 
 __all__ = ["main", "app", "out_console"]
+
+# the command-line parser's own errors (typer may vendor click: found through its classes)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,30 +27,46 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         args.remove("--debug")
     try:
-        # standalone mode: typer/click print usage errors themselves and exit 2
-        app(args=args, prog_name="lowbit", standalone_mode=True)
+        # not standalone: usage errors come here as exceptions and print as one line
+        rc = app(args=args, prog_name="lowbit", standalone_mode=False)
+    except _USAGE_ERROR as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            out_console.print(ctx.get_help(), markup=False, highlight=False)
+            return 2
+        where = ctx.command_path if ctx is not None else "lowbit"
+        _error(f"{exc.format_message()} (see '{where} --help')")
+        return 2
+    except _CLICK_ERROR as exc:
+        _error(exc.format_message())
+        return int(getattr(exc, "exit_code", 1))
     except LowbitError as exc:
         if debug:
             raise
-        err_console.print("error: " + str(exc), markup=False, emoji=False, highlight=False,
-                          soft_wrap=True)
+        _error(cli_message(str(exc)))
         return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            return int(exc.code or 0)
-        err_console.print(str(exc.code))
-        return 1
+    except (KeyboardInterrupt, typer.Abort):
+        return _interrupted()
     except Exception as exc:  # anything unexpected: one line, not a traceback
         if debug:
             raise
-        err_console.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for "
-                          "the traceback)", markup=False, emoji=False, highlight=False,
-                          soft_wrap=True)
+        _error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)",
+               prefix="internal error: ")
         return 1
-    return 0
+    if rc == 130:  # typer turns Ctrl-C inside a verb into exit code 130
+        return _interrupted()
+    return int(rc or 0) if isinstance(rc, int) else 0
+
+
+def _error(message: str, prefix: str = "error: ") -> None:
+    err_console.print(prefix + " ".join(message.split()), markup=False, emoji=False,
+                      highlight=False, soft_wrap=True)
+
+
+def _interrupted() -> int:
+    # writes are atomic (a temp file, then a rename): nothing half-written is left
+    _error("interrupted; nothing written", prefix="")
+    return 130
 
 
 if __name__ == "__main__":

@@ -145,7 +145,8 @@ def quantize(
 def prune(
     model: Path = typer.Argument(..., help="Float ONNX model (or .lbz)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output: .onnx, or .lbz (compressed)."),
-    sparsity: float = typer.Option(..., help="Fraction of weights (or channels) to remove, [0, 1)."),
+    sparsity: float | None = typer.Option(None, help="Fraction of weights (or channels) to "
+                                          "remove, [0, 1); N:M fixes it (2:4 is 0.5)."),
     structured: bool = typer.Option(False, "--structured", help="Remove whole channels/filters."),
     importance: str = typer.Option("l1", help="Channel importance: l1 | l2 | bn."),
     scope: str = typer.Option("layer", help="Unstructured threshold: layer | global."),

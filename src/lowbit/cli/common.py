@@ -4,6 +4,7 @@ and saving a result with its table or JSON."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 
 from lowbit.errors import TargetNotMetError
+from lowbit.fileio import report_path
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained neural networks smaller and faster, and prove it.")
@@ -22,21 +24,29 @@ err_console = Console(stderr=True)
 
 @contextmanager
 def progress_bar(enabled: bool) -> Any:
-    """Yields a callback (stage, done, total) that drives a rich progress bar."""
+    """Yields a callback (stage, done, total) that drives a rich progress bar, shown from
+    the first update on (a run refused before any work prints nothing but its error)."""
     if not enabled:
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     tasks: dict[str, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=err_console, transient=True) as bar:
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   console=err_console, transient=True)
 
+    def update(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def emit(report: dict[str, Any], as_json: bool) -> None:
@@ -53,11 +63,39 @@ def finish(result: Any, output: Path, show: bool, as_json: bool, require: bool, 
         from lowbit.report.table import render_report
 
         render_report(report, out_console, title=title, label=label)
-        out_console.print(f"wrote {output} and {output.parent / 'report.json'}")
+        out_console.print(f"wrote {output} and {report_path(output)}")
     emit(report, as_json)
     flags = report.get("verification", {}).get("flags", [])
     if require and flags:
         raise TargetNotMetError("--require: the report flags " + "; ".join(f["kind"] for f in flags))
+
+
+# API/config names whose command-line option is spelled differently
+_CLI_NAMES = {"weight_granularity": "--weights", "max_calibration_samples": "--max-samples",
+              "exclude_nodes": "--exclude", "symmetric": "--asymmetric", "n:m": "--nm",
+              "eval_data": "--eval-data", "data": "--data"}
+_OPTION_LIST = re.compile(r"\b(options?) ([a-z][a-z_]*(?::[a-z])?(?:(?:, | and | or )[a-z][a-z_]*)*)")
+
+
+def cli_message(message: str) -> str:
+    """An API error message in command-line terms: "option min_cosine" becomes
+    "option --min-cosine" (only for names that are options of lowbit)."""
+    from dataclasses import fields
+
+    from lowbit.config import CONFIG_TYPES
+
+    known = {f.name for t in CONFIG_TYPES.values() for f in fields(t)} | set(_CLI_NAMES) | {
+        "batch", "threads", "iterations", "max_bits", "bits", "epochs", "lr", "init", "output"}
+
+    def flag(name: str) -> str:
+        return _CLI_NAMES.get(name, "--" + name.replace("_", "-")) if name in known else name
+
+    def rewrite(match: re.Match[str]) -> str:
+        names = re.split(r"(, | and | or )", match.group(2))
+        return match.group(1) + " " + "".join(n if n in (", ", " and ", " or ") else flag(n)
+                                              for n in names)
+
+    return _OPTION_LIST.sub(rewrite, message)
 
 
 def refuse_options(given: dict[str, Any], context: str) -> None:

@@ -14,6 +14,6 @@ Example::
 
 from lowbit.container.breakdown import breakdown
 from lowbit.container.format import ContainerError
-from lowbit.container.lbz import decode, encode, read_lbz, write_lbz
+from lowbit.container.lbz import decode, encode, read_lbz, read_lbz_file, write_lbz
 
-__all__ = ["ContainerError", "breakdown", "decode", "encode", "read_lbz", "write_lbz"]
+__all__ = ["ContainerError", "breakdown", "decode", "encode", "read_lbz", "read_lbz_file", "write_lbz"]

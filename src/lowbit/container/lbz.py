@@ -261,15 +261,23 @@ def read_lbz(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
         model = read_lbz("lenet.lbz")
     """
+    return decode(read_lbz_file(path), source=str(path))
+
+
+def read_lbz_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a ``.lbz`` file: a regular, non-empty file (a device such as /dev/zero
+    would never end); ``ModelLoadError`` naming the path."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"lbz file not found: {p}")
     if p.is_dir():
         raise ModelLoadError(f"lbz path is a folder, not a file: {p}")
+    if not p.is_file():
+        raise ModelLoadError(f"lbz path {p} is not a regular file (a device, pipe or socket)")
     try:
         data = p.read_bytes()
     except OSError as exc:
         raise ModelLoadError(f"cannot read lbz file {p}: {exc.strerror or exc}") from None
     if not data:
         raise ModelLoadError(f"lbz file is empty: {p}")
-    return decode(data, source=str(p))
+    return data

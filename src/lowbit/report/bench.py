@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from lowbit.backends.onnx.session import input_specs, make_session, run_batches
-from lowbit.data import Dataset, as_dataset, synthetic_feed
+from lowbit.backends.onnx.session import first_output_shape, input_specs, make_session, run_batches
+from lowbit.config import check_run_settings
+from lowbit.data import Dataset, as_dataset, synthetic_dataset
 from lowbit.errors import ValidationError
 from lowbit.metrics import accuracy
 from lowbit.model_io import read_any
@@ -22,17 +22,17 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch
                  threads: int = 1, iterations: int = 50) -> dict[str, Any]:
     if not paths:
         raise ValidationError("bench needs at least one model")
-    if batch < 1 or threads < 1 or iterations < 1:
-        raise ValidationError("options batch, threads and iterations must be >= 1")
+    check_run_settings(batch=batch, threads=threads, iterations=iterations)
     sessions, feeds, datasets = [], [], []
     for path in paths:
         proto = read_any(path)  # ONNX or .lbz; one clear error for a bad file
         sess = make_session(proto, threads=threads, name=str(path))
         specs = input_specs(sess)
-        ds: Dataset | None = as_dataset(data, specs) if data is not None else None
+        ds: Dataset | None = (as_dataset(data, specs, output=first_output_shape(sess))
+                              if data is not None else None)
         sessions.append(sess)
         datasets.append(ds)
-        feeds.append(ds.feed(batch) if ds is not None else synthetic_feed(specs, batch))
+        feeds.append((ds or synthetic_dataset(specs, batch)).feed(batch))
     stats = measure_side_by_side(sessions, feeds, batch=batch, threads=threads,
                                  iterations=iterations, min_time_s=0.5)
     rows = []
@@ -46,10 +46,7 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch
             "size_ratio_vs_first": round(base_size / size, 3) if size else None,
         }
         if ds is not None and ds.labels is not None:
-            outs = []
-            for feed in ds.batches(64):
-                outs.append(np.asarray(sess.run(None, feed)[0]))
-            row["accuracy"] = accuracy(np.concatenate(outs), ds.labels)
+            row["accuracy"] = accuracy(run_batches(sess, ds)[0], ds.labels)
         rows.append(row)
     return {"batch": batch, "threads": threads, "models": rows,
             "environment": {**cpu_info(), **versions()}}
@@ -58,10 +55,11 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch
 def evaluate_model(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,
                    threads: int = 1) -> dict[str, Any]:
     """Accuracy (with labels) and the outputs' shapes of one model on ``data``."""
+    check_run_settings(threads=threads)
     proto = model if isinstance(model, onnx.ModelProto) else read_any(model)
     label = "model" if isinstance(model, onnx.ModelProto) else str(model)
     session = make_session(proto, threads=threads, name=label)
-    dataset = as_dataset(data, input_specs(session))
+    dataset = as_dataset(data, input_specs(session), output=first_output_shape(session))
     outputs = run_batches(session, dataset)
     result: dict[str, Any] = {"samples": dataset.num_samples,
                               "output_shapes": [list(o.shape) for o in outputs]}

@@ -33,9 +33,9 @@ def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not is_lbz(path):
         model = read_any(path)
         return inspect_proto(model, name=str(path), size=Path(path).stat().st_size)
-    from lowbit.container import breakdown
+    from lowbit.container import breakdown, read_lbz_file
 
-    data = Path(path).read_bytes()  # read once: decoded and broken down
+    data = read_lbz_file(path)  # read once: decoded and broken down
     info = inspect_proto(decode_lbz(data, str(path)), name=str(path), size=len(data))
     info["lbz"] = breakdown(data)
     return info

@@ -119,7 +119,7 @@ def prune_stage(config: PruneConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.notes.append(f"{config.nm[0]}:{config.nm[1]} semi-structured sparsity: some GPUs "
                          "run it faster; CPUs and ONNX Runtime's CPU kernels do not, so no CPU "
                          "speedup is claimed")
-    return {"sparsity": config.effective_sparsity, "structured": False, "epochs":
+    return {"sparsity": config.sparsity, "structured": False, "epochs":
             config.epochs if tune else 0,
             "unstructured": {"scope": config.scope.value, "nm": list(config.nm) if config.nm else None}}
 

@@ -75,7 +75,7 @@ def test_bad_target_is_a_usage_error(tmp_path, capsys):
     rc = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"),
                "--data", str(tmp_path / "d.npz"), "--min-cosine", "0"])
     assert rc == 2
-    assert "min_cosine" in capsys.readouterr().err
+    assert "--min-cosine" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

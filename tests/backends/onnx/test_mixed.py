@@ -112,7 +112,7 @@ def test_cli_sensitivity_then_quantize_with_plan(gpt, tmp_path, capsys):
     out = tmp_path / "gpt.mixed.onnx"
     assert main(["quantize", str(path), "--data", str(data), "--plan", str(plan), "-o", str(out),
                  "--quiet"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "gpt.mixed.onnx.report.json").read_text())
     assert report["verification"]["checker"] == "passed"
     assert report["verification"]["agreement"]["cosine"] > 0.99
     assert out.stat().st_size < path.stat().st_size

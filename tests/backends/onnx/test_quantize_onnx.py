@@ -212,7 +212,8 @@ def test_dynamic_gemm_uses_integer_matmul(mlp):
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_dynamic_batch_survives(vgg, mode):
-    qm = _quantize(vgg["proto"], vgg["x"], mode=mode, calibration="minmax")
+    qm = _quantize(vgg["proto"], vgg["x"], mode=mode,
+                   calibration="minmax" if mode == "static" else "auto")
     sess = _session(qm.model)
     name = sess.get_inputs()[0].name
     for n in (1, 3, 17):
@@ -258,7 +259,8 @@ def test_dynamic_batch_and_sequence(mode):
     assert "MatMul" in _op_types(proto)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and dims[1].dim_param
-    qm = _quantize(proto, x, mode=mode, calibration="minmax")
+    qm = _quantize(proto, x, mode=mode,
+                   calibration=None if mode == "dynamic" else "minmax")
     _check(qm)
     ops = _op_types(qm.model)
     assert "MatMulInteger" in ops if mode == "dynamic" else "QuantizeLinear" in ops
@@ -290,7 +292,8 @@ def test_two_input_model_with_dict_data(mode):
     a = rng.standard_normal((60, 16)).astype(np.float32)
     b = (rng.standard_normal((60, 16)) * 3).astype(np.float32)
     proto = export_module(module, (a[:2], b[:2]), input_names=["a", "b"])
-    qm = _quantize(proto, {"b": b, "a": a}, mode=mode, calibration="minmax")
+    qm = _quantize(proto, {"b": b, "a": a}, mode=mode,
+                   calibration=None if mode == "dynamic" else "minmax")
     _check(qm)
     assert [i.name for i in qm.model.graph.input] == ["a", "b"]
     treatments = {d["treatment"] for d in qm.report["nodes"]["decisions"] if d["op_type"] == "Gemm"}
@@ -357,7 +360,8 @@ def test_quantizing_twice_is_byte_identical(vgg, mode, calibration):
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_report_lists_every_float_node(vgg, mode):
-    qm = _quantize(vgg["proto"], vgg["x"], mode=mode, calibration="minmax")
+    qm = _quantize(vgg["proto"], vgg["x"], mode=mode,
+                   calibration=None if mode == "dynamic" else "minmax")
     float_graph = _proto_of(qm.float_model)
     decisions = qm.report["nodes"]["decisions"]
     names = [d["name"] for d in decisions]

@@ -231,7 +231,7 @@ def test_file_is_a_quarter_of_float_and_group_128_is_smaller(gpt, calib, heldout
         out = tmp_path / f"g{group}"
         out.mkdir()
         path = qm.save(out / "model.onnx")
-        assert (out / "report.json").is_file()
+        assert (out / "model.onnx.report.json").is_file()
         sizes[group] = path.stat().st_size
         assert qm.report["output"]["size_bytes"] == sizes[group]
         # group 128 pads K = 64 to a whole block: the padded path must still be right

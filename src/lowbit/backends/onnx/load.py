@@ -28,6 +28,8 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise ModelLoadError(f"model file not found: {p}")
     if p.is_dir():
         raise ModelLoadError(f"model path is a folder, not a file: {p}")
+    if not p.is_file():
+        raise ModelLoadError(f"model path {p} is not a regular file (a device, pipe or socket)")
     if p.stat().st_size == 0:
         raise ModelLoadError(f"model file is empty: {p}")
     try:
@@ -50,10 +52,21 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             f"model file {p} is not a valid ONNX model (no graph, opset or IR version; "
             "truncated or another format?)"
         )
+    check_opset(model, str(p))
     if checker_error is not None:
         raise ModelLoadError(
             f"model file {p} fails the ONNX checker: {_first_line(checker_error)}") from None
     return model
+
+
+def check_opset(model: onnx.ModelProto, name: str) -> None:
+    """Refuse a model stamped with an ONNX opset newer than the installed onnx knows (and so
+    newer than ONNX Runtime and lowbit's rules were made for)."""
+    newest = onnx.defs.onnx_opset_version()
+    opset = default_opset(model)
+    if opset > newest:
+        raise ModelLoadError(f"{name}: opset {opset} is newer than this onnx/onnxruntime "
+                             f"support (up to opset {newest}); export with an older opset")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -81,6 +94,7 @@ def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = Tr
     if len(kept_inputs) != len(model.graph.input):
         del model.graph.input[:]
         model.graph.input.extend(kept_inputs)
+    check_opset(model, name)
     opset = default_opset(model)
     if opset < MIN_OPSET:
         try:

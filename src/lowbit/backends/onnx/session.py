@@ -89,8 +89,21 @@ def input_specs_of_model(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def first_output_shape(model: Any) -> tuple[int | str | None, ...] | None:
+    """The first output's shape (ints, or None/str for dynamic dims) of a session or an
+    ONNX model; None when it has no tensor output."""
+    if isinstance(model, onnx.ModelProto):
+        outputs = model.graph.output
+        return tuple(dims_of(outputs[0].type.tensor_type)) if outputs else None
+    outputs = model.get_outputs()
+    if not outputs or not isinstance(outputs[0].shape, list):
+        return None
+    return tuple(d if isinstance(d, (int, str)) else None for d in outputs[0].shape)
+
+
 def run_batches(session: Any, data: Any, batch_size: int = 64) -> list[np.ndarray]:
-    """Run ``data`` (a Dataset) through ``session`` batch by batch; outputs concatenated."""
+    """Run ``data`` (a Dataset) through ``session`` batch by batch; outputs concatenated
+    (one row per sample, also where the model's fixed batch filled up the last one)."""
     parts: list[list[np.ndarray]] = []
     for feed in data.batches(batch_size):
         outs = session.run(None, feed)
@@ -98,7 +111,8 @@ def run_batches(session: Any, data: Any, batch_size: int = 64) -> list[np.ndarra
             parts = [[] for _ in outs]
         for k, o in enumerate(outs):
             parts[k].append(np.asarray(o))
-    return [np.concatenate(p) for p in parts]
+    n = data.num_samples
+    return [np.concatenate(p)[:n] if p[0].ndim else np.stack(p) for p in parts]
 
 
 def optimized_graph(model: Any, *, threads: int = 1) -> tuple[Any, onnx.ModelProto]:

@@ -68,6 +68,7 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
     y = torch.from_numpy(np.ascontiguousarray(train.labels))
     classify = y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
     loss_fn = torch.nn.CrossEntropyLoss() if classify else torch.nn.MSELoss()
+    _check_targets(module, xs, y, classify, train.source)
     rng = np.random.default_rng(spec.seed)
     n, step = train.num_samples, 0
     _apply_masks(module, masks)
@@ -97,6 +98,21 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
         if name in values:
             values[name] = np.where(mask.numpy(), values[name], np.float32(0)).astype(np.float32)
     return values
+
+
+def _check_targets(module: Any, xs: list[Any], y: Any, classify: bool, source: str) -> None:
+    """Labels the loss can use, checked on one sample before any training step."""
+    import torch
+
+    with torch.no_grad():
+        out = module(*[x[:1] for x in xs])[0]
+    if classify:
+        if out.ndim != 2 or int(y.min()) < 0 or int(y.max()) >= out.shape[1]:
+            raise DataError(f"{source}: labels 'y' run from {int(y.min())} to {int(y.max())} "
+                            f"but the model's output {list(out.shape)} has no such classes")
+    elif tuple(y.shape[1:]) != tuple(out.shape[1:]):
+        raise DataError(f"{source}: labels 'y' have per-sample shape {list(y.shape[1:])} but "
+                        f"the model's output has {list(out.shape[1:])}")
 
 
 def _gather(codebook: Any, idx: Any) -> Any:
