@@ -4,7 +4,7 @@ Public API (heavy dependencies are imported only when a function is called)::
 
     import lowbit
     qm = lowbit.quantize("model.onnx", "calib.npz")   # or (torch_module, sample_arrays)
-    qm.save("model.int8.onnx")                        # + report.json beside it
+    qm.save("model.int8.onnx")                        # + model.int8.onnx.report.json
     cm = lowbit.compress("model.onnx", "train.npz", sparsity=0.95, bits=5, epochs=30)
     cm.save("model.lbz")
     # any techniques, in order, over one in-memory model:

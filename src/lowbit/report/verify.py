@@ -1,7 +1,7 @@
 """The verification every compressed model gets: checker, runtime, agreement, latency.
 
 The result is a plain dict (the ``verification`` and ``latency`` parts of
-``report.json``) plus flags that say plainly when quality dropped or when the
+``OUT.report.json``) plus flags that say plainly when quality dropped or when the
 compressed model is not faster, with the reason found.
 """
 
