@@ -14,10 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
+from lowbit.config.values import (
+    GROUP_SIZES,
+    RUN_LIMITS,
+    ChannelImportance,
+    ClusterInit,
+    Precision,
+    PruneScope,
+    QuantMode,
+    WeightGranularity,
+    WeightOnlyAlgorithm,
+    check_bool,
+    check_group_size,
+    check_integer,
+    check_names,
+    check_number,
+    check_run_settings,
+    parse_enum,
+)
 from lowbit.errors import ValidationError
 from lowbit.quant.observers import CalibrationMethod
 
@@ -25,115 +42,9 @@ __all__ = [
     "CalibrationMethod", "QuantMode", "WeightGranularity", "WeightOnlyAlgorithm", "PruneScope",
     "ChannelImportance", "ClusterInit", "Precision", "StageConfig", "Int8Config",
     "WeightOnlyConfig", "MixedPrecisionConfig", "PruneConfig", "StructuredPruneConfig",
-    "ClusterConfig", "config_from_dict", "parse_enum",
+    "ClusterConfig", "config_from_dict", "parse_enum", "check_run_settings", "RUN_LIMITS",
+    "GROUP_SIZES",
 ]
-
-
-class QuantMode(str, enum.Enum):
-    """INT8 modes. auto: Conv static; MatMul/Gemm static when fed 8-bit data, else dynamic."""
-
-    AUTO = "auto"
-    STATIC = "static"
-    DYNAMIC = "dynamic"
-
-
-class WeightGranularity(str, enum.Enum):
-    """INT8 weight granularity of static MatMul/Gemm (Conv is always per channel)."""
-
-    AUTO = "auto"
-    CHANNEL = "channel"
-    TENSOR = "tensor"
-
-
-class WeightOnlyAlgorithm(str, enum.Enum):
-    RTN, GPTQ, HQQ = "rtn", "gptq", "hqq"
-
-
-class PruneScope(str, enum.Enum):
-    LAYER, GLOBAL = "layer", "global"
-
-
-class ChannelImportance(str, enum.Enum):
-    """How output channels are ranked: weight norm of the filter, or |gamma| of the next BN."""
-
-    L1 = "l1"
-    L2 = "l2"
-    BN = "bn"
-
-
-class ClusterInit(str, enum.Enum):
-    LINEAR, DENSITY, RANDOM = "linear", "density", "random"
-
-
-class Precision(str, enum.Enum):
-    """Per-layer precision in a mixed-precision plan."""
-
-    INT4 = "int4"
-    INT8 = "int8"
-    FLOAT = "float"
-
-
-E = TypeVar("E", bound=enum.Enum)
-GROUP_SIZES = (16, 32, 64, 128, 256)
-
-
-def parse_enum(enum_type: type[E], value: Any, option: str) -> E:
-    """Turn a user value into ``enum_type``, with an error naming the option."""
-    if isinstance(value, enum_type):
-        return value
-    try:
-        return enum_type(str(value).lower())
-    except ValueError:
-        choices = ", ".join(str(m.value) for m in enum_type)
-        raise ValidationError(f"option {option}: {value!r} is not one of: {choices}") from None
-
-
-def _number(value: Any, option: str, lo: float, hi: float, *, lo_open: bool = False,
-            hi_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValidationError(f"option {option}: {value!r} must be a number in {left}{lo}, {hi}{right}")
-    return float(value)
-
-
-def _bool(value: Any, option: str, *, optional: bool = False) -> None:
-    if not (isinstance(value, bool) or (optional and value is None)):
-        raise ValidationError(f"option {option}: {value!r} must be true or false")
-
-
-def _names(value: Any, option: str) -> tuple[str, ...]:
-    """A tuple of node names; a bare string is refused (it would split into characters)."""
-    if isinstance(value, (str, bytes)) or not all(isinstance(v, str) for v in value):
-        raise ValidationError(f"option {option}: expected a list of node names, got {value!r}")
-    return tuple(value)
-
-
-def _group_size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in GROUP_SIZES:
-        raise ValidationError(f"option group_size: {value!r} must be one of "
-                              f"{', '.join(map(str, GROUP_SIZES))}")
-    return int(value)
-
-
-# bounds of a run's settings (threads, batch, ...; not a technique's): beyond them, a typo
-RUN_LIMITS = {"threads": (1, 1024), "batch": (1, 65536), "iterations": (1, 1_000_000),
-              "epochs": (1, 100_000), "seed": (0, 2**32 - 1)}
-
-
-def check_run_settings(**values: Any) -> None:
-    for name, value in values.items():
-        _integer(value, name, *RUN_LIMITS[name])
-
-
-def _integer(value: Any, option: str, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or \
-            (hi is not None and value > hi):
-        bound = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
-        raise ValidationError(f"option {option}: {value!r} must be an integer {bound}")
-    return int(value)
 
 
 CONFIG_TYPES: dict[str, type[StageConfig]] = {}
@@ -201,9 +112,9 @@ class _Training:
     seed: int = 0
 
     def _check_training(self) -> None:
-        _integer(self.epochs, "epochs", 0)
-        _number(self.lr, "lr", 0.0, 10.0, lo_open=True)
-        _integer(self.batch_size, "batch_size", 1)
+        check_integer(self.epochs, "epochs", 0)
+        check_number(self.lr, "lr", 0.0, 10.0, lo_open=True)
+        check_integer(self.batch_size, "batch_size", 1)
 
 
 @dataclass(frozen=True)
@@ -235,19 +146,19 @@ class Int8Config(StageConfig):
                                   "activations are quantized at run time, not calibrated)")
         self._set("weight_granularity", parse_enum(WeightGranularity, self.weight_granularity,
                                                    "weight_granularity"))
-        self._set("exclude_nodes", _names(self.exclude_nodes, "exclude_nodes"))
-        _bool(self.smoothquant, "smoothquant")
-        _bool(self.strict, "strict")
-        _bool(self.reduce_range, "reduce_range", optional=True)
+        self._set("exclude_nodes", check_names(self.exclude_nodes, "exclude_nodes"))
+        check_bool(self.smoothquant, "smoothquant")
+        check_bool(self.strict, "strict")
+        check_bool(self.reduce_range, "reduce_range", optional=True)
         if self.min_cosine is not None and self.max_drop is not None:
             raise ValidationError("options min_cosine and max_drop: give one quality target")
         if self.min_cosine is not None:
-            _number(self.min_cosine, "min_cosine", 0.0, 1.0, lo_open=True)
+            check_number(self.min_cosine, "min_cosine", 0.0, 1.0, lo_open=True)
         if self.max_drop is not None:
-            _number(self.max_drop, "max_drop", 0.0, 100.0)
-        _number(self.percentile, "percentile", 50.0, 100.0, lo_open=True, hi_open=True)
-        _integer(self.batch_size, "batch_size", 1)
-        _integer(self.max_calibration_samples, "max_calibration_samples", 1)
+            check_number(self.max_drop, "max_drop", 0.0, 100.0)
+        check_number(self.percentile, "percentile", 50.0, 100.0, lo_open=True, hi_open=True)
+        check_integer(self.batch_size, "batch_size", 1)
+        check_integer(self.max_calibration_samples, "max_calibration_samples", 1)
 
     @property
     def has_quality_target(self) -> bool:
@@ -280,18 +191,18 @@ class WeightOnlyConfig(StageConfig):
         return self.symmetric
 
     def __post_init__(self) -> None:
-        _integer(self.bits, "bits", 2, 8)
-        _group_size(self.group_size)
+        check_integer(self.bits, "bits", 2, 8)
+        check_group_size(self.group_size)
         self._set("algorithm", parse_enum(WeightOnlyAlgorithm, self.algorithm, "algorithm"))
-        _bool(self.symmetric, "symmetric", optional=True)
+        check_bool(self.symmetric, "symmetric", optional=True)
         if self.algorithm is WeightOnlyAlgorithm.HQQ and self.symmetric:
             raise ValidationError("option symmetric: hqq fits a zero point per group and is "
                                   "always asymmetric; drop the option or pick rtn/gptq")
-        _bool(self.embeddings, "embeddings")
-        _integer(self.accuracy_level, "accuracy_level", 0, 4)
-        self._set("exclude_nodes", _names(self.exclude_nodes, "exclude_nodes"))
-        _integer(self.batch_size, "batch_size", 1)
-        _integer(self.max_calibration_samples, "max_calibration_samples", 1)
+        check_bool(self.embeddings, "embeddings")
+        check_integer(self.accuracy_level, "accuracy_level", 0, 4)
+        self._set("exclude_nodes", check_names(self.exclude_nodes, "exclude_nodes"))
+        check_integer(self.batch_size, "batch_size", 1)
+        check_integer(self.max_calibration_samples, "max_calibration_samples", 1)
 
 
 @dataclass(frozen=True)
@@ -310,7 +221,7 @@ class MixedPrecisionConfig(StageConfig):
             raise ValidationError("option layers: expected a mapping of layer name to "
                                   "int4 | int8 | float") from None
         self._set("layers", pairs)
-        _group_size(self.group_size)
+        check_group_size(self.group_size)
 
     @property
     def precision(self) -> dict[str, Precision]:
@@ -349,12 +260,12 @@ class PruneConfig(_Training, StageConfig):
                                       "group of m keeps its n largest)")
         if self.sparsity is None:
             self._set("sparsity", implied)
-        _number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
+        check_number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
         if self.nm is not None and abs(float(self.sparsity) - implied) > 1e-9:
             raise ValidationError(f"option sparsity: {self.sparsity} contradicts option nm "
                                   f"({self.nm[0]}:{self.nm[1]} removes {implied:g} of the "
                                   "weights); leave out option sparsity")
-        self._set("layers", _names(self.layers, "layers"))
+        self._set("layers", check_names(self.layers, "layers"))
         self._check_training()
 
 
@@ -370,10 +281,10 @@ class StructuredPruneConfig(_Training, StageConfig):
     layers: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        _number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
+        check_number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
         self._set("importance", parse_enum(ChannelImportance, self.importance, "importance"))
-        _integer(self.min_channels, "min_channels", 1)
-        self._set("layers", _names(self.layers, "layers"))
+        check_integer(self.min_channels, "min_channels", 1)
+        self._set("layers", check_names(self.layers, "layers"))
         self._check_training()
 
 
@@ -390,8 +301,8 @@ class ClusterConfig(_Training, StageConfig):
     lr: float = 1e-4
 
     def __post_init__(self) -> None:
-        _integer(self.bits, "bits", 1, 8)
+        check_integer(self.bits, "bits", 1, 8)
         self._set("init", parse_enum(ClusterInit, self.init, "init"))
-        _bool(self.biases, "biases")
-        self._set("layers", _names(self.layers, "layers"))
+        check_bool(self.biases, "biases")
+        self._set("layers", check_names(self.layers, "layers"))
         self._check_training()
