@@ -84,7 +84,10 @@ def quantize(
     min_cosine: float | None = typer.Option(None, "--min-cosine", help="INT8: keep the most "
                                             "sensitive layers in float until the output cosine "
                                             "vs float reaches this (e.g. 0.995)."),
-    batch: int = typer.Option(8, help="Batch size for the latency measurement."),
+    search_time: float | None = typer.Option(None, "--search-time", help="INT8 auto: seconds "
+                                             "for timing its candidate models whole (default: "
+                                             "3 s or 30% of the run; 0: fixed rule only)."),
+    batch: int = typer.Option(8, help="Batch size the model is timed (and chosen) at."),
     threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
     require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a "
                                  "degradation or a slowdown."),
@@ -105,8 +108,13 @@ def quantize(
     weight_only = {"--group-size": group_size, "--algorithm": algorithm,
                    "--accuracy-level": accuracy_level, "--asymmetric": asymmetric or None}
     int8 = {"--calibration": calibration, "--weights": weights, "--strict": strict or None,
-            "--min-cosine": min_cosine, "--max-drop": max_drop}
+            "--min-cosine": min_cosine, "--max-drop": max_drop, "--search-time": search_time}
     config: StageConfig
+    if mode.lower() not in ("auto", "static", "dynamic", "weight-only"):
+        from lowbit.errors import ValidationError
+
+        raise ValidationError(f"option --mode: {mode!r} is not one of: auto, static, dynamic, "
+                              "weight-only")
     if plan is not None:
         refuse_options({**weight_only, **int8, "--exclude": exclude or None,
                         "--mode": None if mode == "auto" else mode,
@@ -131,7 +139,7 @@ def quantize(
         config = Int8Config(mode=mode, calibration=calibration or "auto", strict=strict,
                             exclude_nodes=tuple(exclude), max_calibration_samples=max_samples,
                             weight_granularity=weights or "auto", min_cosine=min_cosine,
-                            max_drop=max_drop)
+                            max_drop=max_drop, search_time=search_time)
         label = "INT8"
     show = not quiet and not as_json
     with progress_bar(show) as update:

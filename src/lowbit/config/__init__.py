@@ -136,6 +136,9 @@ class Int8Config(StageConfig):
     strict: bool = False
     batch_size: int = 32
     max_calibration_samples: int = 256
+    # auto mode: seconds for timing its candidate models whole (None: the larger of 3 s
+    # and 30% of the quantize time; 0: no search, the fixed rule only)
+    search_time: float | None = None
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -159,6 +162,11 @@ class Int8Config(StageConfig):
         check_number(self.percentile, "percentile", 50.0, 100.0, lo_open=True, hi_open=True)
         check_integer(self.batch_size, "batch_size", 1)
         check_integer(self.max_calibration_samples, "max_calibration_samples", 1)
+        if self.search_time is not None:
+            check_number(self.search_time, "search_time", 0.0, 3600.0)
+            if self.mode is not QuantMode.AUTO:
+                raise ValidationError(f"option search_time: applies to mode auto (its candidate "
+                                      f"search), not {self.mode.value}")
 
     @property
     def has_quality_target(self) -> bool:

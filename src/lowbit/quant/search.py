@@ -60,3 +60,14 @@ def meet_quality_target(build: Callable[[tuple[str, ...]], T], first: T,
         return SearchResult(first, first_score, [], sensitivity, met=False)
     k, candidate, value = best
     return SearchResult(candidate, value, order[:k], sensitivity)
+
+
+def pick_fast_and_accurate(speeds: list[float], qualities: list[float], *,
+                           tolerance: float = 0.10, min_gain: float = 3.0) -> int:
+    """Index of the candidate to keep: the fastest, unless one at most ``tolerance``
+    slower is at least ``min_gain`` better in quality (e.g. dB of output SQNR): then the
+    best-quality one of those. Ties go to the earlier candidate."""
+    fastest = max(range(len(speeds)), key=lambda i: (speeds[i], -i))
+    close = [i for i in range(len(speeds)) if speeds[i] >= (1.0 - tolerance) * speeds[fastest]]
+    best = max(close, key=lambda i: (qualities[i], -i))
+    return best if qualities[best] >= qualities[fastest] + min_gain else fastest

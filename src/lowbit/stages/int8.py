@@ -23,13 +23,16 @@ SMOOTHQUANT_ALPHAS = (0.5, 0.7, 0.85)
 def int8_stage(config: Int8Config, ctx: RunContext) -> dict[str, Any]:
     ctx.check_node_names(config.exclude_nodes, "exclude_nodes")
     calib = ctx.require_train("quantization").take(0, config.max_calibration_samples)
-    outcome = quantize_int8(ctx.fm, calib, config, progress=ctx.progress, threads=ctx.threads)
+    outcome = quantize_int8(ctx.fm, calib, config, progress=ctx.progress, threads=ctx.threads,
+                            batch=ctx.batch)
     if config.has_quality_target:
         outcome = _meet_target(ctx, calib, config, outcome)
     ctx.plan, ctx.written = outcome.plan, outcome.model
     ctx.warnings.extend(outcome.warnings)
     ctx.seconds.update({k: round(v, 3) for k, v in outcome.seconds.items()})
     ctx.sections["mode_by_op"] = outcome.plan.metadata.get("treatments", {})
+    if outcome.search:
+        ctx.sections["candidates"] = outcome.search
     ctx.sections["calibration"] = {
         "method": outcome.method.value if outcome.method else None,
         "requested": config.calibration.value,
@@ -74,19 +77,20 @@ def _meet_target(ctx: RunContext, calib: Dataset, config: Int8Config,
             smoothed, n_inputs = smooth(ctx.fm, calib, alpha=alpha, threads=ctx.threads)
             if not n_inputs:
                 break
-            candidate = quantize_int8(smoothed, calib, config, threads=ctx.threads)
+            candidate = quantize_int8(smoothed, calib, config, threads=ctx.threads,
+                                      variant=first.variant)
             value = score(candidate)
             if value > first_score:
                 base, first, first_score, smoothed_inputs, alpha_used = (
                     smoothed, candidate, value, n_inputs, alpha)
             if first_score >= target:
                 break
-    chosen = first.method or config.calibration
+    chosen, variant = first.method or config.calibration, first.variant
 
     def build(excluded: tuple[str, ...]) -> Int8Outcome:
         cfg = config.replace(exclude_nodes=tuple(config.exclude_nodes) + excluded,
                              calibration=chosen)
-        return quantize_int8(base, calib, cfg, threads=ctx.threads)
+        return quantize_int8(base, calib, cfg, threads=ctx.threads, variant=variant)
 
     result: SearchResult[Int8Outcome] = meet_quality_target(
         build, first, first.plan.quantized_layers(), score, target, metric=metric,

@@ -19,6 +19,14 @@ import numpy as np
 import onnx
 
 from lowbit.backends.onnx.calibrate import calibrate
+from lowbit.backends.onnx.candidates import (
+    MIN_SEARCH_SECONDS,
+    SEARCH_SHARE,
+    Variant,
+    alternatives,
+    choose_variant,
+    signature,
+)
 from lowbit.backends.onnx.graph import node_name
 from lowbit.backends.onnx.plan import AUTO, build_int8_plan
 from lowbit.backends.onnx.session import make_session, run_batches
@@ -52,6 +60,8 @@ class Int8Outcome:
     calibration_samples: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    variant: Variant | None = None  # what the plan was built with (a rebuild reuses it)
+    search: dict[str, Any] = field(default_factory=dict)  # the candidates timed, if any
 
 
 def weighted_treatments(mode: QuantMode) -> dict[str, Treatment | str]:
@@ -140,28 +150,31 @@ def activation_params_for(observers: dict[str, HistogramObserver], plan: Quantiz
 
 
 def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
-                  progress: ProgressFn | None = None, threads: int = 1) -> Int8Outcome:
-    """Plan, calibrate and write INT8 quantization of a normalised float model."""
+                  progress: ProgressFn | None = None, threads: int = 1, batch: int = 8,
+                  variant: Variant | None = None) -> Int8Outcome:
+    """Plan, calibrate and write INT8 quantization of a normalised float model.
+
+    In auto mode (and no ``variant`` given) the plausible variants are written and timed
+    whole (``candidates.choose_variant``); ``variant`` rebuilds a chosen one."""
     t0 = time.perf_counter()
-    treatments = weighted_treatments(config.mode)
     reduce_range = config.reduce_range if config.reduce_range is not None else \
         lacks_vnni()
 
-    def make_plan(keep_float: dict[str, str] | None = None) -> QuantizationPlan:
-        plan = build_int8_plan(fm, treatments=treatments, exclude=config.exclude_nodes,
-                               keep_float=keep_float, strict=config.strict)
+    def make_plan(v: Variant) -> QuantizationPlan:
+        plan = build_int8_plan(fm, treatments=v.treatments, exclude=config.exclude_nodes,
+                               keep_float=v.keep_float, strict=config.strict)
         plan.metadata.update({"mode": config.mode.value, "reduce_range": reduce_range,
-                              "treatments": {k: getattr(v, "value", v) for k, v in treatments.items()}})
+                              "variant": v.name, "treatments": {
+                                  k: getattr(t, "value", t) for k, t in v.treatments.items()}})
         fill_weights(plan, fm, config.weight_granularity.value, reduce_range=reduce_range)
         return plan
 
-    plan = make_plan()
+    first = variant or Variant(config.mode.value, weighted_treatments(config.mode))
+    plan = make_plan(first)
     seconds: dict[str, float] = {"plan": time.perf_counter() - t0}
     warnings: list[str] = []
     if not plan.nodes_with(Treatment.STATIC, Treatment.DYNAMIC):
         warnings.append("no operator was quantized; the output equals the input model")
-    if not plan.observed:
-        return Int8Outcome(plan, write_model(fm, plan), None, {}, 0, seconds, warnings)
     calib = calibration.take(0, min(calibration.num_samples, config.max_calibration_samples))
     total, done = calib.num_samples, [0]
 
@@ -172,30 +185,67 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
 
     t1 = time.perf_counter()
     observers = calibrate(fm, calib, plan.observed, batch_size=config.batch_size,
-                          threads=threads, progress=step)
+                          threads=threads, progress=step) if plan.observed else {}
     release_memory()
     seconds["calibrate"] = time.perf_counter() - t1
     nonfinite = sorted(t for t, o in observers.items() if o.nonfinite)
     if nonfinite:
         raise DataError(f"{calibration.source}: the float model produces NaN/inf in tensor(s) "
                         f"{', '.join(nonfinite[:5])} on the calibration data")
-    if config.mode is QuantMode.AUTO:
+    plans = [(first, plan)]
+    if variant is None and config.mode is QuantMode.AUTO:
         slow = slow_int8_convs(fm, [n.name for n in plan.nodes_with(Treatment.STATIC)
                                     if n.op_type == "Conv"], observers, threads)
         if slow:
-            plan = make_plan(slow)
-            missing = [t for t in plan.observed if t not in observers]
-            if missing:
-                observers.update(calibrate(fm, calib, missing, batch_size=config.batch_size,
-                                           threads=threads))
-            if not plan.observed:
-                return Int8Outcome(plan, write_model(fm, plan), None, {}, total, seconds, warnings)
+            first = Variant("auto", first.treatments, slow)
+            plans = [(first, make_plan(first))]
+        if config.search_time != 0:
+            seen = {signature(plans[0][1])}
+            for alt in alternatives():
+                alt_plan = make_plan(alt)
+                if signature(alt_plan) not in seen and alt_plan.nodes_with(Treatment.STATIC,
+                                                                           Treatment.DYNAMIC):
+                    seen.add(signature(alt_plan))
+                    plans.append((alt, alt_plan))
+        missing = sorted({t for _, p in plans for t in p.observed} - set(observers))
+        if missing:
+            observers.update(calibrate(fm, calib, missing, batch_size=config.batch_size,
+                                       threads=threads))
     t2 = time.perf_counter()
-    chosen, scores, best = _choose_method(fm, plan, observers, calib, config, threads, progress)
-    best.metadata["calibration"] = chosen.value
-    model = write_model(fm, best)
+    chosen: CalibrationMethod | None = None
+    scores: dict[str, float] = {}
+    filled = []
+    for k, (v, p) in enumerate(plans):
+        if not p.observed:
+            filled.append((v, p))
+        elif k == 0:
+            chosen, scores, best = _choose_method(fm, p, observers, calib, config, threads,
+                                                  progress)
+            filled.append((v, best))
+        else:
+            method = chosen or (config.calibration if config.calibration is not
+                                CalibrationMethod.AUTO else CalibrationMethod.MINMAX)
+            filled.append((v, fill_activations(p, fm, activation_params_for(
+                observers, p, method, percentile=config.percentile))))
+    for _, p in filled:
+        if chosen is not None:
+            p.metadata["calibration"] = chosen.value
     seconds["choose_and_write"] = time.perf_counter() - t2
-    return Int8Outcome(best, model, chosen, scores, total, seconds, warnings)
+    search: dict[str, Any] = {}
+    index, model = 0, None
+    if len(filled) > 1:
+        budget = config.search_time if config.search_time is not None else max(
+            MIN_SEARCH_SECONDS, SEARCH_SHARE * (time.perf_counter() - t0))
+        found = choose_variant(fm, filled, calib, batch=batch, threads=threads,
+                               budget_s=budget, progress=progress)
+        index, model = found.index, found.model
+        seconds["search"] = found.seconds
+        search = {"batch": batch, "threads": threads, "budget_seconds": round(budget, 2),
+                  "seconds": found.seconds, "iterations": found.iterations,
+                  "candidates": found.rows}
+    v, best = filled[index]
+    return Int8Outcome(best, model if model is not None else write_model(fm, best), chosen,
+                       scores, total if best.observed else 0, seconds, warnings, v, search)
 
 
 def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, HistogramObserver],
