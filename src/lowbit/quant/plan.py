@@ -83,6 +83,7 @@ class NodeQuant:
     weight: str | None = None  # initializer name of the constant weight
     bias: str | None = None
     accuracy_level: int | None = None  # MatMulNBits
+    recurrence: str | None = None  # an LSTM's recurrence weight R (``weight`` is its W)
 
 
 @dataclass

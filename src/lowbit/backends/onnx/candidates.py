@@ -46,10 +46,12 @@ def alternatives() -> list[Variant]:
     """The variants auto mode times besides its own rule."""
     static, dynamic, flt = Treatment.STATIC, Treatment.DYNAMIC, Treatment.FLOAT
     return [
-        Variant("all static", {"Conv": static, "Gemm": static, "MatMul": static}),
-        Variant("dynamic MatMul/Gemm", {"Conv": static, "Gemm": dynamic, "MatMul": dynamic}),
+        Variant("all static", {"Conv": static, "Gemm": static, "MatMul": static,
+                               "LSTM": flt}),
+        Variant("dynamic MatMul/Gemm", {"Conv": static, "Gemm": dynamic, "MatMul": dynamic,
+                                        "LSTM": dynamic}),
         Variant("dynamic MatMul/Gemm, float Conv", {"Conv": flt, "Gemm": dynamic,
-                                                   "MatMul": dynamic}),
+                                                   "MatMul": dynamic, "LSTM": dynamic}),
     ]
 
 

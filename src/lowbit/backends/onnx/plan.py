@@ -119,6 +119,26 @@ class _Planner:
         else:
             self.plan.decide(name, node.op_type, Treatment.FLOAT, "input is not quantized")
 
+    def recurrent(self, node: onnx.NodeProto, i: int, name: str, rule: OpRule) -> None:
+        treatment = self.treatments.get(node.op_type, Treatment.FLOAT)
+        constant = all(len(node.input) > k and node.input[k] in self.index.initializers
+                       for k in (1, 2))
+        if not rule.dynamic:
+            why = "ONNX Runtime has no integer kernel for it"
+        elif treatment is Treatment.FLOAT:
+            why = ("ONNX Runtime's INT8 LSTM (DynamicQuantizeLSTM) quantizes activations at run "
+                   "time: not used in static mode")
+        elif not constant:
+            why = "W or R is not a constant"
+        elif any(a.name == "layout" and a.i != 0 for a in node.attribute):
+            why = "batch-first layout (layout=1) has no INT8 kernel"
+        else:
+            self.plan.add_node(NodeQuant(name, node.op_type, Treatment.DYNAMIC, node.input[1],
+                                         recurrence=node.input[2]),
+                               "INT8 W and R per gate channel, activations quantized at run time")
+            return
+        self.plan.decide(name, node.op_type, Treatment.FLOAT, why)
+
     def activation(self, node: onnx.NodeProto, i: int, name: str, rule: OpRule) -> None:
         self.plan.decide(name, node.op_type, Treatment.FLOAT, "not directly after a quantized op")
 
@@ -128,6 +148,7 @@ _HANDLERS: dict[OpKind, Callable[[_Planner, onnx.NodeProto, int, str, OpRule], N
     OpKind.ELEMENTWISE: _Planner.elementwise,
     OpKind.SHARED_SCALE: _Planner.shared_scale,
     OpKind.FOLDABLE_ACTIVATION: _Planner.activation,
+    OpKind.RECURRENT: _Planner.recurrent,
 }
 
 

@@ -80,7 +80,8 @@ def write_int8(fm: FloatModel, plan: QuantizationPlan, writer: GraphWriter) -> N
         else:
             _static_weights(writer, node, item, plan, index)
     for item in plan.nodes_with(Treatment.DYNAMIC):
-        _dynamic_matmul(writer, by_name[item.name], item, plan, index)
+        write = _dynamic_lstm if item.recurrence is not None else _dynamic_matmul
+        write(writer, by_name[item.name], item, plan, index)
     inputs = set(index.graph_inputs)
     for tensor in plan.activations:
         _qdq_activation(writer, tensor, plan.activation_params(tensor), tensor in inputs)
@@ -140,3 +141,27 @@ def _dynamic_matmul(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
     w.remove(node)
     for n in new:
         w.add(n)
+
+
+def _dynamic_lstm(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
+                  plan: QuantizationPlan, index: GraphIndex) -> None:
+    """LSTM -> com.microsoft DynamicQuantizeLSTM: W [dirs, 4h, in] and R [dirs, 4h, h] as
+    INT8, transposed to [dirs, in, 4h] / [dirs, h, 4h], one scale per (direction, gate
+    channel); the plan's parameters are per row of the [dirs * 4h, in] view."""
+    extra = []
+    for tensor in (str(item.weight), str(item.recurrence)):
+        values = plan.values_of(tensor, index.constant)
+        params = plan.tensors[tensor]
+        q = affine.quantize(values.reshape(-1, values.shape[-1]), params, dtype=np.int8)
+        q = np.ascontiguousarray(q.reshape(values.shape).transpose(0, 2, 1))
+        scale = np.asarray(params.scale, np.float32).reshape(values.shape[0], -1)
+        extra.append((w.const(f"{tensor}_quantized", q), w.const(f"{tensor}_scale", scale),
+                      w.const(f"{tensor}_zero_point", np.zeros(scale.shape, np.int8))))
+    optional = [node.input[k] if len(node.input) > k else "" for k in range(3, 8)]
+    (w_q, w_s, w_zp), (r_q, r_s, r_zp) = extra
+    new = helper.make_node("DynamicQuantizeLSTM", [node.input[0], w_q, r_q, *optional, w_s, w_zp,
+                                                   r_s, r_zp], list(node.output),
+                           name=w.names(f"{node.name or 'LSTM'}_int8"), domain="com.microsoft")
+    new.attribute.extend(a for a in node.attribute if a.name != "layout")
+    w.remove(node)
+    w.add(new)

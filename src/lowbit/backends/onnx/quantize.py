@@ -75,10 +75,12 @@ def weighted_treatments(mode: QuantMode) -> dict[str, Treatment | str]:
     quantized anyway, and a per-batch range is more accurate than a calibrated one.
     """
     if mode is QuantMode.STATIC:
-        return {"Conv": Treatment.STATIC, "Gemm": Treatment.STATIC, "MatMul": Treatment.STATIC}
+        return {"Conv": Treatment.STATIC, "Gemm": Treatment.STATIC, "MatMul": Treatment.STATIC,
+                "LSTM": Treatment.FLOAT}
     if mode is QuantMode.DYNAMIC:
-        return {"Conv": Treatment.FLOAT, "Gemm": Treatment.DYNAMIC, "MatMul": Treatment.DYNAMIC}
-    return {"Conv": Treatment.STATIC, "Gemm": AUTO, "MatMul": AUTO}
+        return {"Conv": Treatment.FLOAT, "Gemm": Treatment.DYNAMIC, "MatMul": Treatment.DYNAMIC,
+                "LSTM": Treatment.DYNAMIC}
+    return {"Conv": Treatment.STATIC, "Gemm": AUTO, "MatMul": AUTO, "LSTM": Treatment.DYNAMIC}
 
 
 def lacks_vnni() -> bool:
@@ -94,6 +96,13 @@ def fill_weights(plan: QuantizationPlan, fm: FloatModel, granularity: str, *,
     labels: dict[str, str] = {}
     for item in plan.nodes.values():
         if item.weight is None:
+            continue
+        if item.recurrence is not None:  # LSTM W and R: one scale per gate channel
+            for tensor in (item.weight, item.recurrence):
+                values = plan.values_of(tensor, fm.constant)
+                plan.tensors[tensor] = affine.weight_params_per_channel(
+                    values.reshape(-1, values.shape[-1]), axis=0, bits=bits)
+            labels[item.name] = "per-channel" + (", 7-bit range" if reduce_range else "")
             continue
         weight = plan.values_of(item.weight, fm.constant)
         out_axis = weighted[item.name].out_axis

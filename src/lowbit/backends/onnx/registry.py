@@ -16,6 +16,9 @@ Kinds:
   the input's scale, so ONNX Runtime runs it directly on 8-bit data.
 - FOLDABLE_ACTIVATION: Relu / Clip(0, c) directly after a quantized op is
   removed and becomes the saturation of that op's output quantization.
+- RECURRENT: LSTM with constant W and R: INT8 weights per gate channel, activations
+  quantized at run time (ONNX Runtime's DynamicQuantizeLSTM). ONNX Runtime has no
+  integer GRU/RNN kernel: those are registered to stay float with that reason.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class OpKind(enum.Enum):
     ELEMENTWISE = "elementwise"
     SHARED_SCALE = "shared_scale"
     FOLDABLE_ACTIVATION = "foldable_activation"
+    RECURRENT = "recurrent"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ REGISTRY: dict[str, OpRule] = {
     "Transpose": OpRule(OpKind.SHARED_SCALE),
     "Squeeze": OpRule(OpKind.SHARED_SCALE),
     "Unsqueeze": OpRule(OpKind.SHARED_SCALE),
+    "LSTM": OpRule(OpKind.RECURRENT, weight_input=1, dynamic=True),
+    "GRU": OpRule(OpKind.RECURRENT, weight_input=1),
+    "RNN": OpRule(OpKind.RECURRENT, weight_input=1),
     "Relu": OpRule(OpKind.FOLDABLE_ACTIVATION),
     "Clip": OpRule(OpKind.FOLDABLE_ACTIVATION),
 }
