@@ -404,3 +404,21 @@ def test_without_holdout_a_miss_short_of_a_collapse_is_unverified(reference: onn
     ag = result["agreement"]
     assert verify_module.COLLAPSE_TOP1_AGREEMENT <= ag["top1_agreement"] < 0.98, ag
     assert _kinds(result).count("unverified") == 1 and "degradation" not in _kinds(result)
+
+
+def test_top1_agreement_only_for_class_scores(reference: onnx.ModelProto, x: np.ndarray) -> None:
+    """A normalised embedding's arg-max means nothing: no top-1 agreement for it."""
+    from lowbit.backends.onnx.graph import outputs_class_scores
+
+    embedding = onnx.helper.make_model(onnx.helper.make_graph(
+        [*reference.graph.node,
+         onnx.helper.make_node("ReduceL2", [reference.graph.output[0].name], ["n"], keepdims=1),
+         onnx.helper.make_node("Div", [reference.graph.output[0].name, "n"], ["e"])],
+        "emb", list(reference.graph.input),
+        [onnx.helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["b", OUT])],
+        list(reference.graph.initializer)), opset_imports=list(reference.opset_import))
+    assert outputs_class_scores(reference) and not outputs_class_scores(embedding)
+    data = Dataset({"x": x})
+    assert verify(reference, reference, data, iterations=5)["agreement"]["top1_agreement"] == 1.0
+    ag = verify(embedding, embedding, data, iterations=5)["agreement"]
+    assert ag["top1_agreement"] is None and ag["cosine"] > 0.9999

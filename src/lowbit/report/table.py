@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -63,6 +64,12 @@ def render_report(report: dict[str, Any], console: Console, title: str,
         else:
             console.print("calibration: not used (no statically quantized tensor in the result)")
         console.print(f"nodes: {report['nodes'].get('counts', {})}")
+    search = report.get("candidates")
+    if search:
+        rows = "; ".join(f"{r['name']} {r['speedup']:.2f}x {r['sqnr_db']:.1f} dB"
+                         + (" (kept)" if r["kept"] else "") for r in search["candidates"])
+        console.print(f"candidates timed whole (batch {search['batch']}, {search['threads']} "
+                      f"thread(s), vs float): {rows}")
     for name, why in report.get("skipped", {}).items():
         console.print(f"skipped {name}: {why}")
     for note in report.get("notes", []):
@@ -78,9 +85,12 @@ def render_bench(result: dict[str, Any], console: Console) -> None:
     for col in ("model", "size", "p50 ms", "p90 ms", "samples/s", "speedup", "size ratio",
                 "accuracy"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    for row in result["models"]:
+    names = [Path(row["model"]).name for row in result["models"]]
+    if len(set(names)) < len(names):  # file names alone would be ambiguous
+        names = [row["model"] for row in result["models"]]
+    for name, row in zip(names, result["models"]):
         lat = row["latency"]
-        table.add_row(row["model"], fmt_bytes(row["size_bytes"]), f"{lat['p50_ms']:.3f}",
+        table.add_row(name, fmt_bytes(row["size_bytes"]), f"{lat['p50_ms']:.3f}",
                       f"{lat['p90_ms']:.3f}", f"{lat['throughput_per_s']:.0f}",
                       f"{row['speedup_vs_first']:.2f}x", f"{row['size_ratio_vs_first']:.2f}x",
                       _pct(row.get("accuracy")))

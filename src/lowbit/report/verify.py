@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from lowbit.backends.onnx.graph import outputs_class_scores
 from lowbit.backends.onnx.session import (
     input_specs,
     make_session,
@@ -52,13 +53,15 @@ def check_model(model: onnx.ModelProto) -> str:
 
 
 def agreement(reference: list[np.ndarray], approx: list[np.ndarray],
-              labels: np.ndarray | None) -> dict[str, Any]:
+              labels: np.ndarray | None, class_scores: bool = True) -> dict[str, Any]:
+    """SQNR and cosine always; top-1 agreement only for class scores (or with labels)."""
     ref, app = reference[0].astype(np.float64), approx[0].astype(np.float64)
     out: dict[str, Any] = {
         "samples": int(ref.shape[0]),
         "sqnr_db": round(float(np.mean([sqnr_db(r, a) for r, a in zip(reference, approx)])), 3),
         "cosine": round(mean_cosine(ref, app), 6),
-        "top1_agreement": top1_agreement(ref, app),
+        "top1_agreement": top1_agreement(ref, app) if class_scores or labels is not None
+        else None,
     }
     if labels is not None:
         acc_f, acc_q = accuracy(ref, labels), accuracy(app, labels)
@@ -127,7 +130,9 @@ def verify(
     ref, app = run_batches(sess_f, compared), run_batches(sess_q, compared)
     shapes_ok = [r.shape == a.shape for r, a in zip(ref, app)] + [len(ref) == len(app)]
     if all(shapes_ok):  # outputs of other shapes cannot be compared
-        result["agreement"] = agreement(ref, app, compared.labels)
+        proto = float_model.proto if hasattr(float_model, "proto") else float_model
+        scores = not isinstance(proto, onnx.ModelProto) or outputs_class_scores(proto)
+        result["agreement"] = agreement(ref, app, compared.labels, class_scores=scores)
         result["agreement"]["source"] = compared.source
     feed = compared.feed(batch)
     batch = int(next(iter(feed.values())).shape[0])  # the model's own, if it fixes one

@@ -163,3 +163,23 @@ def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
             imp.version = max(imp.version, version)
             return
     model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+_SCORE_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Gemm", "MatMul"})
+_THROUGH_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Add", "Cast"})
+
+
+def outputs_class_scores(model: onnx.ModelProto) -> bool:
+    """Whether the first output looks like class scores: made by a Softmax/Sigmoid or a
+    final Gemm/MatMul (+ bias), through reshapes. A pooled or normalised embedding (Div,
+    ReduceMean, ...) is not, and arg-max agreement means nothing for it."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    name = model.graph.output[0].name if model.graph.output else ""
+    for _ in range(8):
+        node = producer.get(name)
+        if node is None or node.op_type not in _SCORE_OPS | _THROUGH_OPS:
+            return False
+        if node.op_type in _SCORE_OPS:
+            return True
+        name = node.input[0]
+    return False
