@@ -346,7 +346,7 @@ def _audio_cnn():
         mods = [nn.Conv1d(cin, cout, k, s, bias=False), nn.BatchNorm1d(cout), nn.ReLU()]
         return mods + ([nn.MaxPool1d(pool)] if pool > 1 else [])
 
-    return nn.Sequential(*block(1, 32, 80, 4), *block(32, 32, 3), *block(32, 64, 3),
+    return nn.Sequential(*block(1, 32, 80, 8), *block(32, 32, 3), *block(32, 64, 3),
                          *block(64, 64, 3, pool=1), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
                          nn.Linear(64, 10))
 
@@ -365,13 +365,13 @@ class Spec:
 
 SPECS = [
     Spec("Z1", "ResNet-18-style (16-32-64-128, BN, residual Add), 3x32x32 digits", _resnet18ish,
-         lambda: _digits(32, 3), 150),
+         lambda: _digits(32, 3), 40, lr=3e-3),
     Spec("Z2", "MobileNetV2 (depthwise, ReLU6, inverted residuals), 3x32x32 digits", _mobilenetv2,
-         lambda: _digits(32, 3), 150, lr=3e-3),
+         lambda: _digits(32, 3), 40, lr=3e-3),
     Spec("Z3", "EfficientNet-style (SiLU, squeeze-excitation, MBConv), 3x32x32 digits",
-         _efficientnet, lambda: _digits(32, 3), 150, lr=3e-3),
+         _efficientnet, lambda: _digits(32, 3), 40, lr=3e-3),
     Spec("Z4", "U-Net (Concat skips, ConvTranspose), 1x32x32 noisy digit -> mask", _unet,
-         _digit_masks, 120, lr=3e-3, loss="bce"),
+         _digit_masks, 40, lr=3e-3, loss="bce"),
     Spec("Z5", "MNIST-style CNN (1-channel first Conv), 1x28x28 digits", _mnist_cnn,
          lambda: _digits(28, 1), 200),
     Spec("Z6", "MLP on 3-D input (Linear 256-512-256 on [b, 16, 256], mean, classifier)", _mlp3d,
@@ -383,9 +383,9 @@ SPECS = [
     Spec("Z8b", "GRU(64, 128) on [b, 20, 64] + Linear", lambda: _recurrent("gru"),
          lambda: _sequences(20, 64), 200, lr=3e-3, sequence=True),
     Spec("Z9", "ViT-tiny (patch Conv, cls token, 4 layers, d 192, 3 heads), 3x32x32 digits",
-         _vit_tiny, lambda: _digits(32, 3), 150, lr=5e-4, sequence=True),
+         _vit_tiny, lambda: _digits(32, 3), 30, lr=1e-3, sequence=True),
     Spec("Z10", "1-D conv audio model (Conv1d/BN/ReLU stack) on [b, 1, 4000]", _audio_cnn,
-         _audio, 150, lr=3e-3),
+         _audio, 40, lr=3e-3),
 ]
 
 
@@ -424,8 +424,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _ort_static(pre: str, out: str, calib: np.ndarray, name: str) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -61,7 +61,8 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  "--bits", "4", "--quiet"]) == 0
     for report in d.glob("*report.json"):
         report.unlink()
-    (d / "plan.json").write_text(json.dumps({"layers": {}, "group_size": 128}))
+    (d / "plan.json").write_text(json.dumps({"format": "lowbit.mixed-precision/1",
+                                             "layers": {"/fc/Gemm": "int8"}, "group_size": 128}))
     (d / "adir").mkdir()
     # bad data
     for name, bad in (("lab57.npz", 57), ("labneg.npz", -1)):

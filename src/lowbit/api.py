@@ -28,6 +28,8 @@ from lowbit.model_io import read_any
 from lowbit.pipeline import CompressedModel, run
 from lowbit.stages.base import ProgressFn
 
+PLAN_MAX_BYTES = 64 * 2**20
+
 __all__ = ["quantize", "prune", "cluster", "compress", "sensitivity", "read_mixed_plan",
            "evaluate", "bench", "inspect_model", "load", "run", "CompressedModel"]
 
@@ -99,7 +101,7 @@ def prune(model: Any, data: Any = None, *, sparsity: float | None = None, struct
     if not structured and importance != "l1":
         raise ValidationError("option importance applies to structured pruning")
     common = dict(sparsity=sparsity, epochs=epochs, lr=lr, batch_size=batch_size,
-                  layers=tuple(layers), seed=seed)
+                  layers=layers, seed=seed)
     config: StageConfig = StructuredPruneConfig(importance=importance, **common) if structured \
         else PruneConfig(scope=scope, nm=nm, **common)
     return run(model, [config], data=data, eval_data=eval_data, threads=threads,
@@ -115,7 +117,7 @@ def cluster(model: Any, data: Any = None, *, bits: int, epochs: int = 0, lr: flo
     >>> cm = cluster("lenet.pruned.onnx", "train.npz", bits=5, epochs=2)   # doctest: +SKIP
     """
     config = ClusterConfig(bits=bits, epochs=epochs, lr=lr, batch_size=batch_size, init=init,
-                           layers=tuple(layers), biases=biases, seed=seed)
+                           layers=layers, biases=biases, seed=seed)
     return run(model, [config], data=data, eval_data=eval_data, threads=threads,
                progress=progress, tool="lowbit cluster")
 
@@ -137,17 +139,33 @@ def compress(model: Any, data: Any = None, *, sparsity: float = 0.9, bits: int =
 
 
 def read_mixed_plan(path: str | os.PathLike[str]) -> MixedPrecisionConfig:
-    """The config of a mixed-precision plan file written by ``sensitivity`` (JSON)."""
+    """The config of a mixed-precision plan file written by ``sensitivity`` (JSON); any
+    problem is one error naming the file."""
+    from lowbit.stages.mixed import PLAN_FORMAT
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValidationError(f"plan: expected a file path, got {type(path).__name__}")
     p = Path(path)
+    if not p.is_file():
+        raise ValidationError(f"plan file not found: {p}" if not p.exists() else
+                              f"plan file {p} is not a regular file")
+    if p.stat().st_size > PLAN_MAX_BYTES:
+        raise ValidationError(f"plan file {p} is {p.stat().st_size:,} bytes; a plan is small JSON")
     try:
         plan = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValidationError(f"plan file not found: {p}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValidationError(f"plan file {p} is not valid JSON: {exc}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValidationError(f"plan file {p} is not valid JSON: {str(exc)[:120]}") from None
     if not isinstance(plan, dict) or not isinstance(plan.get("layers"), dict):
         raise ValidationError(f"plan file {p}: expected an object with a 'layers' mapping")
-    return MixedPrecisionConfig(layers=plan["layers"], group_size=plan.get("group_size", 128))
+    if plan.get("format") != PLAN_FORMAT:
+        raise ValidationError(f"plan file {p}: format {plan.get('format')!r} is not "
+                              f"{PLAN_FORMAT!r} (write plans with `lowbit sensitivity`)")
+    if not plan["layers"]:
+        raise ValidationError(f"plan file {p} lists no layers: nothing would be quantized")
+    try:
+        return MixedPrecisionConfig(layers=plan["layers"], group_size=plan.get("group_size", 128))
+    except ValidationError as exc:
+        raise ValidationError(f"plan file {p}: {str(exc).replace('option ', '')}") from None
 
 
 def sensitivity(model: Any, data: Any, *, min_cosine: float | None = None,
@@ -158,6 +176,7 @@ def sensitivity(model: Any, data: Any, *, min_cosine: float | None = None,
 
     >>> plan = sensitivity("gpt.onnx", "calib.npz", min_cosine=0.999)   # doctest: +SKIP
     """
+    from lowbit.backends.onnx.checks import check_token_ids
     from lowbit.backends.onnx.session import input_specs_of_model
     from lowbit.data import as_dataset
     from lowbit.model_io import resolve_model
@@ -174,6 +193,7 @@ def sensitivity(model: Any, data: Any, *, min_cosine: float | None = None,
     check_run_settings(threads=threads)
     fm, _, _ = resolve_model(model, data)
     calib = as_dataset(data, input_specs_of_model(fm.proto), limit=256)
+    check_token_ids(fm, calib)
     return plan_for_target(fm, calib, min_cosine=min_cosine, max_bits=max_bits,
                            group_size=group_size, threads=threads, progress=progress)
 

@@ -100,6 +100,24 @@ def _materialise_iterable(data: Iterable[Any], limit: int) -> tuple[list[Any], l
     return xs, ys
 
 
+def _from_batches(data: Iterable[Any], limit: int | None, source: str) -> dict[str, Any]:
+    """Arrays from an iterable of batches (x, or (x, y), or dicts of arrays)."""
+    try:
+        xs, ys = _materialise_iterable(data, limit or 10**9)
+        if not xs:
+            raise DataError(f"{source}: the iterable yielded no batches")
+        if isinstance(xs[0], dict):
+            raw = {k: np.concatenate([_to_numpy(b[k], k) for b in xs]) for k in xs[0]}
+        else:
+            raw = {"x": np.concatenate([np.atleast_1d(_to_numpy(b, "x")) for b in xs])}
+        if ys:
+            raw["y"] = np.concatenate([np.atleast_1d(y) for y in ys])
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise DataError(f"{source}: cannot read the batches as arrays ({str(exc)[:120]}); give "
+                        "an array, a dict of arrays, (x, y), or an iterable of such batches") from None
+    return raw
+
+
 def as_dataset(
     data: Any,
     specs: list[InputSpec],
@@ -127,16 +145,8 @@ def as_dataset(
         raw["y"] = data[1]
     elif isinstance(data, np.ndarray) or hasattr(data, "detach"):
         raw = {"x": data}
-    elif isinstance(data, Iterable):
-        xs, ys = _materialise_iterable(data, limit or 10**9)
-        if not xs:
-            raise DataError(f"{source or 'data'}: the iterable yielded no batches")
-        if isinstance(xs[0], dict):
-            raw = {k: np.concatenate([_to_numpy(b[k], k) for b in xs]) for k in xs[0]}
-        else:
-            raw = {"x": np.concatenate([_to_numpy(b, "x") for b in xs])}
-        if ys:
-            raw["y"] = np.concatenate(ys)
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        raw = _from_batches(data, limit, source or "data")
     else:
         raise DataError(f"unsupported data type: {type(data).__name__}")
     source = source or "data"
@@ -145,6 +155,10 @@ def as_dataset(
             labels = _to_numpy(raw.pop(key), f"{source}: labels '{key}'")
             break
     inputs = _match_inputs(raw, specs, source)
+    scalars = [k for k, v in inputs.items() if v.ndim == 0]
+    if scalars:
+        raise DataError(f"{source}: array(s) {scalars} hold a single value; samples go along "
+                        "the first axis")
     n = next(iter(inputs.values())).shape[0]
     for name, arr in inputs.items():
         if arr.shape[0] != n:
@@ -225,9 +239,13 @@ def _match_inputs(raw: dict[str, Any], specs: list[InputSpec], source: str) -> d
     names = [s.name for s in specs]
     if len(specs) == 1 and specs[0].name not in raw:
         if "x" in raw:
-            raw = {specs[0].name: raw["x"]}
+            raw = {specs[0].name: raw.pop("x"), **raw}
         elif len(raw) == 1:
             raw = {specs[0].name: next(iter(raw.values()))}
+    unused = sorted(k for k in raw if k not in names)
+    if unused:
+        raise DataError(f"{source}: array(s) {unused} match no model input ({', '.join(names)}) "
+                        f"and are not labels ({', '.join(LABEL_KEYS)}); remove or rename them")
     missing = [n for n in names if n not in raw]
     if missing:
         raise DataError(

@@ -69,11 +69,16 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+NAME_MAX = 255  # bytes in one file name on common file systems
+TEMP_NAME_EXTRA = 14  # atomic_open's temporary name: ".NAME.xxxxxxxx.tmp"
+REPORT_SUFFIX = ".report.json"
+
+
 def report_path(output: str | os.PathLike[str]) -> Path:
     """Where the report of a model written to ``output`` goes: ``OUT.report.json`` beside
     it, so two outputs in one folder never share (or overwrite) a report."""
     out = Path(output)
-    return out.with_name(out.name + ".report.json")
+    return out.with_name(out.name + REPORT_SUFFIX)
 
 
 def check_output_path(path: str | os.PathLike[str], inputs: tuple[Any, ...] = (), *,
@@ -83,10 +88,19 @@ def check_output_path(path: str | os.PathLike[str], inputs: tuple[Any, ...] = ()
     written: a folder, a device or other non-regular file, a missing or read-only folder,
     or any of ``inputs`` (paths; other values are ignored). With ``report`` the same holds
     for the report written beside it (``report_path``). Returns the path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValidationError(f"option {option}: expected a file path, got {type(path).__name__}")
     raw = os.fspath(path)
+    if not isinstance(raw, str):
+        raise ValidationError(f"option {option}: expected a file path as text, got bytes")
     target = Path(raw)
     if not raw or raw.endswith(os.sep) or target.is_dir():
         raise ValidationError(f"option {option}: '{raw}' is a folder; give a file name")
+    extra = TEMP_NAME_EXTRA + (len(REPORT_SUFFIX) if report else 0)
+    if len(os.fsencode(target.name)) + extra > NAME_MAX:
+        raise ValidationError(f"option {option}: the file name is too long ({len(target.name)} "
+                              f"characters; at most {NAME_MAX - extra} bytes, to leave room for "
+                              "the temporary and report names)")
     for out in (target, report_path(target)) if report else (target,):
         _check_target(out, inputs, option)
     if suffixes and target.suffix.lower() not in suffixes:

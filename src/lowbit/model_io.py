@@ -20,6 +20,8 @@ def is_lbz(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` is a file that starts with the .lbz magic (content, not name)."""
     from lowbit.container.format import MAGIC
 
+    if not isinstance(path, (str, os.PathLike)):
+        return False
     p = Path(path)
     if not p.is_file():
         return False
@@ -45,6 +47,9 @@ def read_any(path: str | os.PathLike[str]) -> onnx.ModelProto:
     that is not ONNX either gets the .lbz decoder's reason)."""
     from lowbit.container import read_lbz_file
 
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise ValidationError(f"model: expected a file path, got {type(path).__name__}")
+
     if is_lbz(path):
         return decode_lbz(read_lbz_file(path), str(path))
     try:
@@ -53,6 +58,28 @@ def read_any(path: str | os.PathLike[str]) -> onnx.ModelProto:
         if Path(path).suffix.lower() != ".lbz" or not Path(path).is_file():
             raise
         return decode_lbz(read_lbz_file(path), str(path))
+
+
+EXTERNAL_SCAN_MAX_BYTES = 100 * 2**20  # a model file with external weights is small
+
+
+def external_data_files(path: Any) -> list[Path]:
+    """The external weight files an ONNX file points at (they are inputs too: an output
+    must never replace them). Empty for anything unreadable; reading errors come later."""
+    p = Path(path) if isinstance(path, (str, os.PathLike)) else None
+    if p is None or not p.is_file() or p.stat().st_size > EXTERNAL_SCAN_MAX_BYTES:
+        return []
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception:  # not ONNX (an .lbz, a bad file): nothing external to protect
+        return []
+    files = set()
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in t.external_data}.get("location")
+            if where:
+                files.add(p.parent / where)
+    return sorted(files)
 
 
 def is_torch_module(obj: Any) -> bool:

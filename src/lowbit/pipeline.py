@@ -41,7 +41,7 @@ from lowbit.config import (
 from lowbit.data import Dataset, as_dataset, split_holdout
 from lowbit.errors import ValidationError
 from lowbit.fileio import check_output_path, report_path, write_bytes_atomic, write_json_atomic
-from lowbit.model_io import resolve_model
+from lowbit.model_io import external_data_files, resolve_model
 from lowbit.report.build import build_report, weight_section
 from lowbit.report.verify import verify as verify_model
 from lowbit.stages.base import ProgressFn, RunContext, handler_for
@@ -76,7 +76,7 @@ class CompressedModel:
         a file the run read."""
         out = check_output_path(path, self._inputs, option="path", report=report,
                                 suffixes=(".onnx", ".lbz"))
-        if out.suffix == ".lbz":
+        if out.suffix.lower() == ".lbz":
             if self._lbz is None:
                 from lowbit.container import encode
 
@@ -87,7 +87,7 @@ class CompressedModel:
         write_bytes_atomic(out, data)
         size = out.stat().st_size
         self.report["output"] = {"path": str(out), "size_bytes": size,
-                                 "format": "lbz" if out.suffix == ".lbz" else "onnx"}
+                                 "format": "lbz" if out.suffix.lower() == ".lbz" else "onnx"}
         base = self.report.get("input", {}).get("size_bytes")
         if base:
             self.report["output"]["size_ratio"] = round(base / max(1, size), 3)
@@ -105,6 +105,8 @@ class CompressedModel:
 
 def check_stages(stages: Sequence[StageConfig]) -> None:
     """Refuse a stage list that cannot run, before any work starts."""
+    if isinstance(stages, StageConfig) or not isinstance(stages, (list, tuple)):
+        raise ValidationError(f"stages: expected a list of configs, got {type(stages).__name__}")
     if not stages:
         raise ValidationError("a run needs at least one stage")
     for config in stages:
@@ -164,6 +166,11 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     train, holdout, separate = _datasets(fm, data, eval_data, stages)
     ctx = RunContext(fm=fm, original=fm, train=train, threads=threads, batch=batch,
                      progress=progress)
+    if isinstance(data, (str, os.PathLike)) and isinstance(eval_data, (str, os.PathLike)) \
+            and Path(data).resolve() == Path(eval_data).resolve():
+        ctx.warnings.append("the verification data is the calibration/training data: the "
+                            "quality shown may be optimistic (leave out eval data to hold "
+                            "back 20% of data instead)")
     done: list[tuple[dict[str, Any], dict[str, Any]]] = []
     weights_fm = None  # the float model after the weight stages, before quantizing
     for config in stages:
@@ -204,4 +211,4 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
                           warnings=ctx.warnings, skipped=ctx.skipped, verification=verification,
                           seconds=ctx.seconds)
     return CompressedModel(output, report, fm=weights_fm, original=ctx.original, lbz=lbz,
-                           inputs=(model, data, eval_data))
+                           inputs=(model, *external_data_files(model), data, eval_data))

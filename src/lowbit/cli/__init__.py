@@ -6,12 +6,14 @@ Exit codes: 0 success, 1 the work failed (e.g. ``--require`` not met),
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Any
 
 import typer
 
 from lowbit.cli import build_verbs, read_verbs  # noqa: F401  (register the verbs, in order)
-from lowbit.cli.common import app, cli_message, err_console, out_console
+from lowbit.cli.common import app, cli_message, err_console, out_console, repeated_options
 from lowbit.errors import LowbitError
 
 __all__ = ["main", "app", "out_console"]
@@ -19,6 +21,7 @@ __all__ = ["main", "app", "out_console"]
 # the command-line parser's own errors (typer may vendor click: found through its classes)
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_TERMINATED: list[int] = []  # set by the SIGTERM handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +29,32 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    twice = repeated_options(args)
+    if twice:
+        _error(f"option {twice} is given more than once; give it once")
+        return 2
+    previous = _on_sigterm()
+    try:
+        return _run(args, debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm() -> Any:
+    """SIGTERM unwinds like Ctrl-C (temporary files are removed on the way out); the
+    previous handler, or None where signals cannot be set (not the main thread)."""
+    def interrupt(signum: int, frame: Any) -> None:
+        _TERMINATED.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return None
+
+
+def _run(args: list[str], debug: bool) -> int:
     try:
         # not standalone: usage errors come here as exceptions and print as one line
         rc = app(args=args, prog_name="lowbit", standalone_mode=False)
@@ -65,8 +94,10 @@ def _error(message: str, prefix: str = "error: ") -> None:
 
 def _interrupted() -> int:
     # writes are atomic (a temp file, then a rename): nothing half-written is left
-    _error("interrupted; nothing written", prefix="")
-    return 130
+    terminated = bool(_TERMINATED)
+    _TERMINATED.clear()
+    _error(f"{'terminated' if terminated else 'interrupted'}; nothing written", prefix="")
+    return 143 if terminated else 130
 
 
 if __name__ == "__main__":

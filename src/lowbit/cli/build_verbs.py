@@ -123,8 +123,8 @@ def quantize(
         label = "mixed"
     elif mode.lower() == "weight-only":
         refuse_options(int8, "--mode weight-only")
-        config = WeightOnlyConfig(bits=bits, group_size=group_size or 128,
-                                  algorithm=algorithm or "rtn",
+        config = WeightOnlyConfig(bits=bits, group_size=128 if group_size is None else group_size,
+                                  algorithm="rtn" if algorithm is None else algorithm,
                                   symmetric=False if asymmetric else None,
                                   accuracy_level=4 if accuracy_level is None else accuracy_level,
                                   exclude_nodes=tuple(exclude), max_calibration_samples=max_samples)
@@ -136,9 +136,10 @@ def quantize(
             raise ValidationError(f"option --bits: {bits} needs --mode weight-only (static, "
                                   "dynamic and auto modes are INT8)")
         refuse_options(weight_only, f"--mode {mode} (INT8)")
-        config = Int8Config(mode=mode, calibration=calibration or "auto", strict=strict,
-                            exclude_nodes=tuple(exclude), max_calibration_samples=max_samples,
-                            weight_granularity=weights or "auto", min_cosine=min_cosine,
+        config = Int8Config(mode=mode, strict=strict, exclude_nodes=tuple(exclude),
+                            calibration="auto" if calibration is None else calibration,
+                            weight_granularity="auto" if weights is None else weights,
+                            max_calibration_samples=max_samples, min_cosine=min_cosine,
                             max_drop=max_drop, search_time=search_time)
         label = "INT8"
     show = not quiet and not as_json
@@ -254,11 +255,12 @@ def unpack(
 
     Example: lowbit unpack model.lbz -o model.onnx
     """
-    from lowbit.container import read_lbz
+    from lowbit.container import read_lbz_file
     from lowbit.fileio import write_bytes_atomic
+    from lowbit.model_io import decode_lbz
 
     check_output(output, model, report=False, suffixes=(".onnx",))  # no report
-    proto = read_lbz(model)
+    proto = decode_lbz(read_lbz_file(model), str(model))  # checked like any model read
     write_bytes_atomic(output, proto.SerializeToString())
     out_console.print(f"wrote {output} ({output.stat().st_size:,} bytes) from {model} "
                       f"({model.stat().st_size:,} bytes)")

@@ -98,6 +98,33 @@ def cli_message(message: str) -> str:
     return _OPTION_LIST.sub(rewrite, message)
 
 
+REPEATABLE = frozenset({"--exclude"})
+
+
+def repeated_options(args: list[str]) -> str | None:
+    """The first option given twice (the last would silently win), if any."""
+    seen: set[str] = set()
+    for arg in args:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        if not name.startswith("-") or name in REPEATABLE or _is_number(name):
+            continue
+        name = "--output" if name == "-o" else name
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def refuse_options(given: dict[str, Any], context: str) -> None:
     """Options that do not apply in ``context`` are an error when given, not ignored."""
     from lowbit.errors import ValidationError
@@ -114,14 +141,16 @@ def check_output(output: Path, *inputs: Any, report: bool = True,
                  suffixes: tuple[str, ...] = MODEL_SUFFIXES) -> None:
     """The output guard (``fileio.check_output_path``), before any work."""
     from lowbit.fileio import check_output_path
+    from lowbit.model_io import external_data_files
 
-    check_output_path(output, inputs, report=report, suffixes=suffixes)
+    companions = [f for item in inputs for f in external_data_files(item)]
+    check_output_path(output, (*inputs, *companions), report=report, suffixes=suffixes)
 
 
 def parse_nm(nm: str | None) -> tuple[int, int] | None:
     from lowbit.errors import ValidationError
 
-    if not nm:
+    if nm is None:
         return None
     try:
         n, m = (int(v) for v in nm.split(":"))

@@ -55,9 +55,11 @@ def evaluate(
         emit(result, True)
     else:
         acc = result.get("accuracy")
+        why = (f" (labels given, but the output {result['output_shapes'][0]} is not class "
+               "scores [N, K]: no accuracy)") if "accuracy" in result else \
+            " (no labels 'y': no accuracy)"
         out_console.print(f"{model}: {result['samples']} samples"
-                          + (f", accuracy {100 * acc:.2f}%" if acc is not None else
-                             " (no labels 'y': no accuracy)"))
+                          + (f", accuracy {100 * acc:.2f}%" if acc is not None else why))
 
 
 @app.command()

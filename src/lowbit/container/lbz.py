@@ -29,8 +29,12 @@ from lowbit.container.format import ContainerError
 from lowbit.errors import ModelLoadError, ValidationError
 from lowbit.fileio import write_bytes_atomic
 
-# A ModelProto cannot serialize past 2 GiB, so no real model decodes to more tensor data.
-MAX_TENSOR_BYTES = (1 << 31) - 1
+# A ModelProto cannot serialize past 2 GiB (tensors plus graph), so no real model
+# decodes to more tensor data; and no real model expands more than MAX_RATIO times its
+# .lbz size (a heavily pruned, clustered one is ~10-60x) beyond a small floor.
+MAX_TENSOR_BYTES = (1 << 31) - (1 << 26)
+MAX_RATIO = 1000
+RATIO_FLOOR_BYTES = 1 << 26
 UNEXPECTED_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError, RecursionError)
 
 
@@ -152,6 +156,7 @@ def parse(data: bytes, *, source: str = "model") -> Parsed:
             or not all(0 <= i < len(inits) and manifest["e"][i] is not None for i in typed)):
         raise ContainerError(f"{source}: bad manifest (typed list)")
     blobs = (indices, codebooks, values)
+    limit = min(MAX_TENSOR_BYTES, max(RATIO_FLOOR_BYTES, MAX_RATIO * len(data)))
     offsets = [0, 0, 0]
     entries: list[dict] = []
     segments: list[tuple[bytes, bytes, bytes]] = []
@@ -165,10 +170,10 @@ def parse(data: bytes, *, source: str = "model") -> Parsed:
         count = tensors.element_count(t)
         itemsize = tensors.DTYPES[t.data_type].itemsize
         total += count * itemsize
-        if total > MAX_TENSOR_BYTES:
+        if total > limit:
             raise ContainerError(
-                f"{source}: initializer '{t.name}' takes the tensors past {MAX_TENSOR_BYTES} bytes "
-                "(more than an ONNX model can hold)")
+                f"{source}: initializer '{t.name}' takes the tensors past {limit:,} bytes (more "
+                f"than an ONNX model can hold, or {MAX_RATIO}x this file's size: damaged or forged)")
         if entry.get("s"):
             entry["pl"] = _positions_length(entry, count, indices, offsets[0], t.name, source)
         segs = []

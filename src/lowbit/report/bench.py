@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx
 
+from lowbit.backends.onnx.checks import check_token_ids
 from lowbit.backends.onnx.session import first_output_shape, input_specs, make_session, run_batches
 from lowbit.config import check_run_settings
 from lowbit.data import Dataset, as_dataset, synthetic_dataset
@@ -20,6 +21,8 @@ from lowbit.runtime.latency import measure_side_by_side
 
 def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch: int = 8,
                  threads: int = 1, iterations: int = 50) -> dict[str, Any]:
+    if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)):
+        raise ValidationError("bench needs a list of model paths")
     if not paths:
         raise ValidationError("bench needs at least one model")
     check_run_settings(batch=batch, threads=threads, iterations=iterations)
@@ -30,6 +33,8 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch
         specs = input_specs(sess)
         ds: Dataset | None = (as_dataset(data, specs, output=first_output_shape(sess))
                               if data is not None else None)
+        if ds is not None:
+            check_token_ids(proto, ds)
         sessions.append(sess)
         datasets.append(ds)
         feeds.append((ds or synthetic_dataset(specs, batch)).feed(batch))
@@ -60,6 +65,7 @@ def evaluate_model(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *
     label = "model" if isinstance(model, onnx.ModelProto) else str(model)
     session = make_session(proto, threads=threads, name=label)
     dataset = as_dataset(data, input_specs(session), output=first_output_shape(session))
+    check_token_ids(proto, dataset)
     outputs = run_batches(session, dataset)
     result: dict[str, Any] = {"samples": dataset.num_samples,
                               "output_shapes": [list(o.shape) for o in outputs]}

@@ -132,6 +132,9 @@ def plan_for_target(fm: FloatModel, calib: Dataset, *, min_cosine: float | None 
                     progress: ProgressFn | None = None) -> dict[str, Any]:
     """The plan file's content (JSON-ready): layers, targets, the sensitivity table."""
     rows = layer_sensitivity(fm, calib, group_size=group_size, threads=threads, progress=progress)
+    if not rows:
+        raise ValidationError("the model has no MatMul/Gemm layer with a constant weight: "
+                              "there is nothing to plan")
     plan: dict[str, Any] = {"format": PLAN_FORMAT}
     if min_cosine is not None:
         layers, cosine = plan_for_quality(fm, calib, rows, min_cosine=min_cosine,

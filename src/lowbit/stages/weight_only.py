@@ -15,6 +15,9 @@ def weight_only_stage(config: WeightOnlyConfig, ctx: RunContext) -> dict[str, An
     calib = ctx.train.take(0, config.max_calibration_samples) if ctx.train is not None else None
     plan = plan_weight_only(ctx.fm, config, calib, threads=ctx.threads, progress=ctx.progress)
     ctx.plan = plan
+    if not plan.nodes:
+        ctx.warnings.append("no MatMul/Gemm layer was quantized (none with a constant weight, "
+                            "or all excluded); the output equals the input model")
     gptq = config.algorithm is WeightOnlyAlgorithm.GPTQ
     ctx.sections["weight_only"] = {
         "bits": config.bits, "group_size": config.group_size, "algorithm": config.algorithm.value,

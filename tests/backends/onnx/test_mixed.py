@@ -89,10 +89,22 @@ def test_bad_plans_are_refused(gpt, tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValidationError, match="not valid JSON"):
         read_mixed_plan(bad)
-    bad.write_text(json.dumps({"layers": {"nope": "int5"}}))
+    fmt = "lowbit.mixed-precision/1"
+    bad.write_text(json.dumps({"format": fmt, "layers": {"nope": "int5"}}))
     with pytest.raises(ValidationError, match="int5"):
         read_mixed_plan(bad)
-    bad.write_text(json.dumps({"layers": {"nope": "int4"}}))
+    for plan, named in (({"layers": {"a": "int4"}}, "format"),
+                        ({"format": "lowbit.mixed-precision/99", "layers": {"a": "int4"}}, "/99"),
+                        ({"format": fmt, "layers": {}}, "no layers")):
+        bad.write_text(json.dumps(plan))
+        with pytest.raises(ValidationError, match=named):
+            read_mixed_plan(bad)
+    bad.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValidationError, match="not valid JSON"):
+        read_mixed_plan(bad)
+    with pytest.raises(ValidationError, match="regular file"):
+        read_mixed_plan("/dev/zero")
+    bad.write_text(json.dumps({"format": fmt, "layers": {"nope": "int4"}}))
     with pytest.raises(ValidationError, match="nope"):
         mixed_plan(fm, read_mixed_plan(bad).precision, calib)
     with pytest.raises(ValidationError, match="target"):

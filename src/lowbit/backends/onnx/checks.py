@@ -11,9 +11,9 @@ from lowbit.data import Dataset
 from lowbit.errors import DataError, ValidationError
 
 
-def check_token_ids(fm: FloatModel, data: Dataset) -> None:
+def check_token_ids(fm: FloatModel | onnx.ModelProto, data: Dataset) -> None:
     """Integer inputs that index an embedding table must lie inside its vocabulary."""
-    index = GraphIndex(fm.proto, fm.weights)
+    index = GraphIndex(fm, {}) if isinstance(fm, onnx.ModelProto) else GraphIndex(fm.proto, fm.weights)
     for name, arr in data.inputs.items():
         if arr.dtype.kind not in "iu":
             continue

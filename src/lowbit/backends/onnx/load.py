@@ -53,10 +53,28 @@ def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             "truncated or another format?)"
         )
     check_opset(model, str(p))
+    check_graph(model, str(p))
     if checker_error is not None:
         raise ModelLoadError(
             f"model file {p} fails the ONNX checker: {_first_line(checker_error)}") from None
     return model
+
+
+def check_graph(model: onnx.ModelProto, name: str, *, compressing: bool = False) -> None:
+    """A model needs inputs to feed and outputs to read; and (for now) compressing it needs
+    a graph without control flow (If/Loop/Scan subgraphs), which lowbit does not rewrite."""
+    init = {t.name for t in model.graph.initializer}
+    if not [i for i in model.graph.input if i.name not in init]:
+        raise ModelLoadError(f"{name}: the model has no inputs to feed data to")
+    if not model.graph.output:
+        raise ModelLoadError(f"{name}: the model has no outputs")
+    if compressing:
+        for i, node in enumerate(model.graph.node):
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                   for a in node.attribute):
+                raise ModelLoadError(
+                    f"{name}: node {node.name or i} ({node.op_type}) holds a subgraph; lowbit "
+                    "does not compress models with control flow (If/Loop/Scan) yet")
 
 
 def check_opset(model: onnx.ModelProto, name: str) -> None:
@@ -95,6 +113,7 @@ def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = Tr
         del model.graph.input[:]
         model.graph.input.extend(kept_inputs)
     check_opset(model, name)
+    check_graph(model, name, compressing=True)
     opset = default_opset(model)
     if opset < MIN_OPSET:
         try:
