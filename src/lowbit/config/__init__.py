@@ -136,6 +136,7 @@ class Int8Config(StageConfig):
     strict: bool = False
     batch_size: int = 32
     max_calibration_samples: int = 256
+    embeddings: bool = True  # embedding tables (Gather on a constant) as 8-bit blocks
     # auto mode: seconds for timing its candidate models whole (None: the larger of 3 s
     # and 30% of the quantize time; 0: no search, the fixed rule only)
     search_time: float | None = None
@@ -151,6 +152,7 @@ class Int8Config(StageConfig):
                                                    "weight_granularity"))
         self._set("exclude_nodes", check_names(self.exclude_nodes, "exclude_nodes"))
         check_bool(self.smoothquant, "smoothquant")
+        check_bool(self.embeddings, "embeddings")
         check_bool(self.strict, "strict")
         check_bool(self.reduce_range, "reduce_range", optional=True)
         if self.min_cosine is not None and self.max_drop is not None:

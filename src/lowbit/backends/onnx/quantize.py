@@ -32,6 +32,7 @@ from lowbit.backends.onnx.plan import AUTO, build_int8_plan
 from lowbit.backends.onnx.session import make_session, run_batches
 from lowbit.backends.onnx.speed_probe import slow_int8_convs
 from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.weight_only import plan_embeddings
 from lowbit.backends.onnx.weights import weighted_nodes
 from lowbit.backends.onnx.writer import write_model
 from lowbit.config import Int8Config, QuantMode
@@ -95,8 +96,8 @@ def fill_weights(plan: QuantizationPlan, fm: FloatModel, granularity: str, *,
     weighted = {w.name: w for w in weighted_nodes(fm)[0]}
     labels: dict[str, str] = {}
     for item in plan.nodes.values():
-        if item.weight is None:
-            continue
+        if item.weight is None or item.treatment is Treatment.WEIGHT_ONLY:
+            continue  # (an embedding table's group codes are already in the plan)
         if item.recurrence is not None:  # LSTM W and R: one scale per gate channel
             for tensor in (item.weight, item.recurrence):
                 values = plan.values_of(tensor, fm.constant)
@@ -175,6 +176,8 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
         plan.metadata.update({"mode": config.mode.value, "reduce_range": reduce_range,
                               "variant": v.name, "treatments": {
                                   k: getattr(t, "value", t) for k, t in v.treatments.items()}})
+        if config.embeddings:
+            plan_embeddings(fm, plan, bits=8, group_size=128, exclude=config.exclude_nodes)
         fill_weights(plan, fm, config.weight_granularity.value, reduce_range=reduce_range)
         return plan
 

@@ -160,7 +160,8 @@ def plan_weight_only(fm: FloatModel, cfg: WeightOnlyConfig, data: Dataset | None
         if progress is not None:
             progress(f"quantizing weights ({algorithm.value})", step + 1, len(items))
     if cfg.embeddings:
-        _plan_embeddings(fm, cfg, plan)
+        plan_embeddings(fm, plan, bits=4 if cfg.bits <= 4 else 8, group_size=cfg.group_size,
+                        exclude=cfg.exclude_nodes)
     return plan
 
 
@@ -189,19 +190,20 @@ def _check_bias(fm: FloatModel, item: WeightedNode, n: int) -> None:
                               "feature; cannot write MatMulNBits")
 
 
-def _plan_embeddings(fm: FloatModel, cfg: WeightOnlyConfig, plan: QuantizationPlan) -> None:
+def plan_embeddings(fm: FloatModel, plan: QuantizationPlan, *, bits: int, group_size: int,
+                    exclude: tuple[str, ...] = ()) -> None:
     """Gather on a constant 2-D table (token/position embeddings): blockwise symmetric
-    INT4 (INT8 when more than 4 bits were asked), dequantized at lookup."""
-    bits = 4 if cfg.bits <= 4 else 8
+    ``bits`` (4 or 8) codes, dequantized at lookup (GatherBlockQuantized)."""
     index = GraphIndex(fm.proto, fm.weights)
+    tied = {n.weight for n in plan.nodes.values()}
     for i, node in enumerate(fm.proto.graph.node):
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
             continue
         name, table = node_name(node, i), node.input[0]
-        if name in cfg.exclude_nodes:
+        if name in exclude:
             plan.decide(name, "Gather", Treatment.FLOAT, "excluded by option")
             continue
-        if table in plan.tensors:  # tied with a MatMul/Gemm weight that has its own grid
+        if table in plan.tensors or table in tied:  # a MatMul/Gemm weight with its own grid
             plan.decide(name, "Gather", Treatment.FLOAT, f"table '{table}' is shared with a "
                         "quantized MatMul/Gemm and keeps its grid there; the lookup stays float")
             continue
@@ -210,7 +212,7 @@ def _plan_embeddings(fm: FloatModel, cfg: WeightOnlyConfig, plan: QuantizationPl
                 node.input[1] in index.initializers:
             continue
         rows, dim = int(t.dims[0]), int(t.dims[1])
-        block = next((b for b in (cfg.group_size, 128, 64, 32, 16) if dim % b == 0), None)
+        block = next((b for b in (group_size, 128, 64, 32, 16) if dim % b == 0), None)
         axis = attr(node, "axis", 0)
         if axis != 0 or block is None or rows * dim < 4096:
             why = ("gather axis is not 0" if axis != 0 else
