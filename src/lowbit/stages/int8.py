@@ -14,6 +14,7 @@ from lowbit.errors import DataError
 from lowbit.metrics import accuracy
 from lowbit.quant.plan import Treatment
 from lowbit.quant.search import SearchResult, meet_quality_target
+from lowbit.runtime.environment import cpu_info
 from lowbit.stages.base import RunContext, register
 
 SMOOTHQUANT_ALPHAS = (0.5, 0.7, 0.85)
@@ -31,6 +32,13 @@ def int8_stage(config: Int8Config, ctx: RunContext) -> dict[str, Any]:
     ctx.warnings.extend(outcome.warnings)
     ctx.seconds.update({k: round(v, 3) for k, v in outcome.seconds.items()})
     ctx.sections["mode_by_op"] = outcome.plan.metadata.get("treatments", {})
+    if outcome.plan.metadata.get("reduce_range"):
+        why = (": this CPU has no VNNI, and ONNX Runtime's UINT8 x INT8 kernels can saturate "
+               "there otherwise" if cpu_info().get("vnni") is False else " (reduce_range)")
+        ctx.notes.append("INT8 weights use the 7-bit range [-63, 63]" + why)
+    if cpu_info().get("amx_int8"):
+        ctx.notes.append("this CPU has AMX int8 tiles; ONNX Runtime's MLAS uses them for the "
+                         "INT8 matrix products")
     if outcome.search:
         ctx.sections["candidates"] = outcome.search
     ctx.sections["calibration"] = {
