@@ -383,7 +383,7 @@ SPECS = [
     Spec("Z8b", "GRU(64, 128) on [b, 20, 64] + Linear", lambda: _recurrent("gru"),
          lambda: _sequences(20, 64), 200, lr=3e-3, sequence=True),
     Spec("Z9", "ViT-tiny (patch Conv, cls token, 4 layers, d 192, 3 heads), 3x32x32 digits",
-         _vit_tiny, lambda: _digits(32, 3), 80, lr=1e-3, sequence=True),
+         _vit_tiny, lambda: _digits(32, 3), 80, lr=2e-3, sequence=True),
     Spec("Z10", "1-D conv audio model (Conv1d/BN/ReLU stack) on [b, 1, 4000]", _audio_cnn,
          _audio, 40, lr=3e-3),
 ]
