@@ -383,7 +383,7 @@ SPECS = [
     Spec("Z8b", "GRU(64, 128) on [b, 20, 64] + Linear", lambda: _recurrent("gru"),
          lambda: _sequences(20, 64), 200, lr=3e-3, sequence=True),
     Spec("Z9", "ViT-tiny (patch Conv, cls token, 4 layers, d 192, 3 heads), 3x32x32 digits",
-         _vit_tiny, lambda: _digits(32, 3), 80, lr=2e-3, sequence=True),
+         _vit_tiny, lambda: _digits(32, 3), 150, sequence=True),
     Spec("Z10", "1-D conv audio model (Conv1d/BN/ReLU stack) on [b, 1, 4000]", _audio_cnn,
          _audio, 40, lr=3e-3),
 ]
@@ -427,8 +427,8 @@ def _outputs(path: str, x: np.ndarray, name: str) -> np.ndarray:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {str(exc).strip()}"
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    msg = str(exc).strip()
+    return f"{type(exc).__name__}: {msg.splitlines()[0][:200]}" if msg else type(exc).__name__
 
 
 def _ort_static(pre: str, out: str, calib: np.ndarray, name: str) -> None:
@@ -460,16 +460,25 @@ def _nncf(float_path: str, out: str, calib: np.ndarray, name: str) -> None:
     onnx.save(q, out)
 
 
-def _preprocess(float_path: str, pre: str) -> str:
-    """onnxruntime's recommended pre-processing; the float model itself if it fails."""
+def _preprocess(float_path: str, pre: str) -> tuple[str, str]:
+    """onnxruntime's recommended pre-processing: (path, note). Where symbolic shape inference
+    fails, retried with ``skip_symbolic_shape=True`` (as onnxruntime's docs advise); the
+    float model itself if that fails too."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(float_path, pre)
-        return pre
-    except Exception:  # noqa: BLE001 - recorded by the caller as 'pre-process failed'
-        return ""
+        return pre, ""
+    except Exception as exc:  # noqa: BLE001 - recorded
+        first = _first_line(exc)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(float_path, pre, skip_symbolic_shape=True)
+        return pre, f"quant_pre_process failed ({first}); retried with skip_symbolic_shape=True"
+    except Exception as exc:  # noqa: BLE001 - recorded
+        return float_path, (f"quant_pre_process failed ({first}; with skip_symbolic_shape: "
+                            f"{_first_line(exc)}): ort peers quantize the float model")
 
 
 def _iterations(paths: list[str], feed: dict[str, np.ndarray]) -> int:
@@ -522,10 +531,9 @@ def _bench_model(tmp: Path, spec: Spec) -> dict:
     failures: list[str] = []
     peer_paths: dict[str, str] = {}
     secs: dict[str, float] = {}
-    pre = _preprocess(float_path, str(tmp / f"{spec.id}.pre.onnx"))
-    if not pre:
-        failures.append("quant_pre_process failed (ort peers quantize the float model)")
-        pre = float_path
+    pre, note = _preprocess(float_path, str(tmp / f"{spec.id}.pre.onnx"))
+    if note:
+        failures.append(note)
     for peer, fn, src in (("ort-static", _ort_static, pre), ("ort-dynamic", _ort_dynamic, pre),
                           ("nncf", _nncf, float_path)):
         out = str(tmp / f"{spec.id}.{peer}.onnx")
@@ -584,7 +592,7 @@ def _row(r: dict) -> dict:
                        f"beats float; SQNR >= fastest peer's - {SQNR_SLACK_DB:g} dB"),
             "measured": "<br>".join(parts), "pass": bool(r["checks"]) and all(r["checks"]),
             "details": (f"trained {spec.steps} steps in {r['train_s']:.1f} s, {r['quality']}; "
-                        f"{'; '.join(r['notes'])}; peers quantize {peer_s}; peer failures: {fails}")}
+                        f"{'; '.join(r['notes'])}; peers quantize {peer_s}; peer notes: {fails}")}
 
 
 def _summary(runs: list[dict]) -> dict:
