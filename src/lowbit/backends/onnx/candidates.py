@@ -28,9 +28,9 @@ from lowbit.quant.search import pick_fast_and_accurate
 from lowbit.runtime.latency import measure_side_by_side
 from lowbit.runtime.memory import release_memory
 
-MIN_SEARCH_SECONDS = 3.0  # the default time budget: this, or a share of the quantize time
+MIN_SEARCH_SECONDS = 1.0  # the default time budget: this, or a share of the quantize time
 SEARCH_SHARE = 0.3
-QUALITY_SAMPLES = 64
+OUT_OF_RACE = 1.25  # after the first round, candidates this much slower than the fastest stop
 
 
 @dataclass(frozen=True)
@@ -70,21 +70,21 @@ class SearchOutcome:
 
 
 def choose_variant(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]],
-                   calib: Dataset, *, batch: int, threads: int, budget_s: float,
+                   calib: Dataset, selection: Dataset, reference: list[np.ndarray],
+                   known: dict[int, float], *, batch: int, threads: int, budget_s: float,
                    progress: Callable[[str, int, int], None] | None = None) -> SearchOutcome:
     """Write each plan, time every model whole (float included) alternating at ``batch``
-    and ``threads`` within about ``budget_s`` seconds, measure each one's output SQNR on
-    a few calibration samples, and keep one."""
+    and ``threads`` within about ``budget_s`` seconds, and keep one. Quality: output SQNR
+    vs ``reference`` (the float outputs on ``selection``), or ``known[k]`` if measured."""
     t0 = time.perf_counter()
-    selection = calib.take(0, min(calib.num_samples, QUALITY_SAMPLES))
-    reference = [o.astype(np.float64) for o in run_batches(
-        make_session(fm, threads=threads, lean=True, name="float model"), selection)]
     models, sessions, quality = [], [make_session(fm, threads=threads, name="float model")], []
     for k, (_, plan) in enumerate(plans):
         model = write_model(fm, plan)
         session = make_session(model, threads=threads, name="INT8 candidate")
-        outs = run_batches(session, selection)
-        quality.append(float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)])))
+        if k not in known:
+            outs = run_batches(session, selection)
+            known[k] = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
+        quality.append(known[k])
         models.append(model)
         sessions.append(session)
         if progress is not None:
@@ -95,10 +95,15 @@ def choose_variant(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
         session.run(None, feed)
     once = max(time.perf_counter() - start, 1e-6)
     left = max(budget_s - (time.perf_counter() - t0), 0.2 * budget_s)
-    iterations = int(min(100, max(5, left / once)))
-    stats = measure_side_by_side(sessions, [feed] * len(sessions), batch=batch, threads=threads,
-                                 iterations=iterations, warmup=2)
-    speeds = [stats[0].p50_ms / s.p50_ms if s.p50_ms > 0 else 0.0 for s in stats[1:]]
+    # a short first round, then the rest of the time on the float model and the
+    # candidates that can still be kept (within OUT_OF_RACE of the fastest)
+    first = _timed(sessions, feed, batch, threads, int(min(10, max(3, 0.25 * left / once))))
+    speeds = [first[0] / p if p > 0 else 0.0 for p in first[1:]]
+    alive = [0] + [k + 1 for k, v in enumerate(speeds) if v * OUT_OF_RACE >= max(speeds)]
+    iterations = int(min(100, max(5, (left - 0.25 * left) / (once * len(alive) / len(sessions)))))
+    second = _timed([sessions[k] for k in alive], feed, batch, threads, iterations)
+    for k, p50 in zip(alive[1:], second[1:]):
+        speeds[k - 1] = second[0] / p50 if p50 > 0 else 0.0
     index = pick_fast_and_accurate(speeds, quality)
     rows = [{"name": v.name, "speedup": round(speeds[k], 3), "sqnr_db": round(quality[k], 2),
              "kept": k == index} for k, (v, _) in enumerate(plans)]
@@ -106,3 +111,11 @@ def choose_variant(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
     del sessions, models
     release_memory()
     return SearchOutcome(index, chosen, rows, round(time.perf_counter() - t0, 3), iterations)
+
+
+def _timed(sessions: list[Any], feed: dict[str, np.ndarray], batch: int, threads: int,
+           iterations: int) -> list[float]:
+    """p50 ms of each session, run alternating."""
+    stats = measure_side_by_side(sessions, [feed] * len(sessions), batch=batch, threads=threads,
+                                 iterations=iterations, warmup=1)
+    return [s.p50_ms for s in stats]

@@ -224,6 +224,12 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
             observers.update(calibrate(fm, calib, missing, batch_size=config.batch_size,
                                        threads=threads))
     t2 = time.perf_counter()
+    selection = calib.take(0, min(calib.num_samples, SELECTION_SAMPLES))
+    # float outputs on a few samples: scores calibration methods and candidates alike
+    reference = _outputs(make_session(fm, threads=threads, lean=True), selection,
+                         config.batch_size) if len(plans) > 1 or (
+        config.calibration is CalibrationMethod.AUTO and plan.observed) else None
+    release_memory()
     chosen: CalibrationMethod | None = None
     scores: dict[str, float] = {}
     filled = []
@@ -232,7 +238,7 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
             filled.append((v, p))
         elif k == 0:
             chosen, scores, best = _choose_method(fm, p, observers, calib, config, threads,
-                                                  progress)
+                                                  progress, reference)
             filled.append((v, best))
         else:
             method = chosen or (config.calibration if config.calibration is not
@@ -248,8 +254,9 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
     if len(filled) > 1:
         budget = config.search_time if config.search_time is not None else max(
             MIN_SEARCH_SECONDS, SEARCH_SHARE * (time.perf_counter() - t0))
-        found = choose_variant(fm, filled, calib, batch=batch, threads=threads,
-                               budget_s=budget, progress=progress)
+        known = {0: scores[chosen.value]} if chosen is not None and chosen.value in scores else {}
+        found = choose_variant(fm, filled, calib, selection, reference or [], known,
+                               batch=batch, threads=threads, budget_s=budget, progress=progress)
         index, model = found.index, found.model
         seconds["search"] = found.seconds
         search = {"batch": batch, "threads": threads, "budget_seconds": round(budget, 2),
@@ -261,7 +268,8 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
 
 
 def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, HistogramObserver],
-                   calib: Dataset, config: Int8Config, threads: int, progress: ProgressFn | None
+                   calib: Dataset, config: Int8Config, threads: int, progress: ProgressFn | None,
+                   reference: list[np.ndarray] | None = None
                    ) -> tuple[CalibrationMethod, dict[str, float], QuantizationPlan]:
     """The calibration method whose plan gives the best output SQNR on a few samples.
 
@@ -276,8 +284,10 @@ def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, 
     if len(methods) == 1:
         return methods[0], {}, plan_for(methods[0])
     selection = calib.take(0, min(calib.num_samples, SELECTION_SAMPLES))
-    reference = _outputs(make_session(fm, threads=threads, lean=True), selection, config.batch_size)
-    release_memory()
+    if reference is None:
+        reference = _outputs(make_session(fm, threads=threads, lean=True), selection,
+                             config.batch_size)
+        release_memory()
     scores: dict[str, float] = {}
     candidates: list[tuple[float, CalibrationMethod, QuantizationPlan]] = []
     for k, method in enumerate(methods):
