@@ -67,7 +67,8 @@ def external_data_files(path: Any) -> list[Path]:
     """The external weight files an ONNX file points at (they are inputs too: an output
     must never replace them). Empty for anything unreadable; reading errors come later."""
     p = Path(path) if isinstance(path, (str, os.PathLike)) else None
-    if p is None or not p.is_file() or p.stat().st_size > EXTERNAL_SCAN_MAX_BYTES:
+    if p is None or not p.is_file() or p.stat().st_size > EXTERNAL_SCAN_MAX_BYTES \
+            or not _mentions(p, b"location"):
         return []
     try:
         proto = onnx.load(str(p), load_external_data=False)
@@ -80,6 +81,18 @@ def external_data_files(path: Any) -> list[Path]:
             if where:
                 files.add(p.parent / where)
     return sorted(files)
+
+
+def _mentions(path: Path, needle: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether the file's bytes contain ``needle`` (read in chunks: a model with its
+    weights inside is not parsed a second time just to learn it has no external data)."""
+    tail = b""
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+    return False
 
 
 def is_torch_module(obj: Any) -> bool:

@@ -63,7 +63,7 @@ def meet_quality_target(build: Callable[[tuple[str, ...]], T], first: T,
 
 
 def pick_fast_and_accurate(speeds: list[float], qualities: list[float], *,
-                           tolerance: float = 0.10, min_gain: float = 3.0) -> int:
+                           tolerance: float = 0.05, min_gain: float = 3.0) -> int:
     """Index of the candidate to keep: the fastest, unless one at most ``tolerance``
     slower is at least ``min_gain`` better in quality (e.g. dB of output SQNR): then the
     best-quality one of those. Ties go to the earlier candidate."""

@@ -66,10 +66,12 @@ def render_report(report: dict[str, Any], console: Console, title: str,
         console.print(f"nodes: {report['nodes'].get('counts', {})}")
     search = report.get("candidates")
     if search:
-        rows = "; ".join(f"{r['name']} {r['speedup']:.2f}x {r['sqnr_db']:.1f} dB"
-                         + (" (kept)" if r["kept"] else "") for r in search["candidates"])
+        vs = "float" if "speedup" in search["candidates"][0] else "the first candidate"
+        rows = "; ".join(f"{r['name']} {r.get('speedup', r.get('speed_vs_first', 0)):.2f}x "
+                         f"{r['sqnr_db']:.1f} dB" + (" (kept)" if r["kept"] else "")
+                         for r in search["candidates"])
         console.print(f"candidates timed whole (batch {search['batch']}, {search['threads']} "
-                      f"thread(s), vs float): {rows}")
+                      f"thread(s), speed vs {vs}): {rows}")
     for name, why in report.get("skipped", {}).items():
         console.print(f"skipped {name}: {why}")
     for note in report.get("notes", []):

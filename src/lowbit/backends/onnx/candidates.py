@@ -30,6 +30,7 @@ from lowbit.runtime.memory import release_memory
 
 MIN_SEARCH_SECONDS = 1.0  # the default time budget: this, or a share of the quantize time
 SEARCH_SHARE = 0.3
+FLOAT_TIMING_MAX_BYTES = 32 * 2**20
 OUT_OF_RACE = 1.25  # after the first round, candidates this much slower than the fastest stop
 
 
@@ -77,14 +78,15 @@ def choose_variant(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
     and ``threads`` within about ``budget_s`` seconds, and keep one. Quality: output SQNR
     vs ``reference`` (the float outputs on ``selection``), or ``known[k]`` if measured."""
     t0 = time.perf_counter()
-    models, sessions, quality = [], [make_session(fm, threads=threads, name="float model")], []
+    if sum(w.nbytes for w in fm.weights.values()) > FLOAT_TIMING_MAX_BYTES:
+        return _one_at_a_time(fm, plans, calib, selection, reference, known, batch=batch,
+                              threads=threads, budget_s=budget_s)
+    models, quality = [], []
+    sessions = [make_session(fm, threads=threads, name="float model")]
     for k, (_, plan) in enumerate(plans):
         model = write_model(fm, plan)
         session = make_session(model, threads=threads, name="INT8 candidate")
-        if k not in known:
-            outs = run_batches(session, selection)
-            known[k] = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
-        quality.append(known[k])
+        quality.append(_quality(session, k, selection, reference, known))
         models.append(model)
         sessions.append(session)
         if progress is not None:
@@ -100,7 +102,7 @@ def choose_variant(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
     first = _timed(sessions, feed, batch, threads, int(min(10, max(3, 0.25 * left / once))))
     speeds = [first[0] / p if p > 0 else 0.0 for p in first[1:]]
     alive = [0] + [k + 1 for k, v in enumerate(speeds) if v * OUT_OF_RACE >= max(speeds)]
-    iterations = int(min(100, max(5, (left - 0.25 * left) / (once * len(alive) / len(sessions)))))
+    iterations = int(min(100, max(5, 0.75 * left / (once * len(alive) / len(sessions)))))
     second = _timed([sessions[k] for k in alive], feed, batch, threads, iterations)
     for k, p50 in zip(alive[1:], second[1:]):
         speeds[k - 1] = second[0] / p50 if p50 > 0 else 0.0
@@ -110,6 +112,46 @@ def choose_variant(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
     chosen = models[index]
     del sessions, models
     release_memory()
+    return SearchOutcome(index, chosen, rows, round(time.perf_counter() - t0, 3), iterations)
+
+
+def _quality(session: Any, k: int, selection: Dataset, reference: list[np.ndarray],
+             known: dict[int, float]) -> float:
+    if k not in known:
+        outs = run_batches(session, selection)
+        known[k] = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
+    return known[k]
+
+
+def _one_at_a_time(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]],
+                   calib: Dataset, selection: Dataset, reference: list[np.ndarray],
+                   known: dict[int, float], *, batch: int, threads: int,
+                   budget_s: float) -> SearchOutcome:
+    """For a big model: one candidate session alive at a time (no float session, no model
+    kept), timed in turn; speeds relative to the first candidate; the kept one is
+    written again. Memory stays at one INT8 model."""
+    t0 = time.perf_counter()
+    feed = calib.feed(batch)
+    p50s, quality, iterations = [], [], 5
+    for k, (_, plan) in enumerate(plans):
+        data = write_model(fm, plan).SerializeToString()
+        session = make_session(data, threads=threads, name="INT8 candidate")
+        del data
+        quality.append(_quality(session, k, selection, reference, known))
+        start = time.perf_counter()
+        session.run(None, feed)
+        once = max(time.perf_counter() - start, 1e-6)
+        left = max(budget_s - (time.perf_counter() - t0), 0.2 * budget_s) / (len(plans) - k)
+        iterations = int(min(50, max(5, left / once)))
+        p50s.append(_timed([session], feed, batch, threads, iterations)[0])
+        del session
+        release_memory()
+    speeds = [p50s[0] / p if p > 0 else 0.0 for p in p50s]
+    index = pick_fast_and_accurate(speeds, quality)
+    rows = [{"name": v.name, "speed_vs_first": round(speeds[k], 3),
+             "sqnr_db": round(quality[k], 2), "kept": k == index}
+            for k, (v, _) in enumerate(plans)]
+    chosen = write_model(fm, plans[index][1])
     return SearchOutcome(index, chosen, rows, round(time.perf_counter() - t0, 3), iterations)
 
 
