@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import onnx
@@ -24,6 +23,7 @@ from lowbit.config import (
     check_run_settings,
 )
 from lowbit.errors import ValidationError
+from lowbit.fileio import input_file
 from lowbit.model_io import read_any
 from lowbit.pipeline import CompressedModel, run
 from lowbit.stages.base import ProgressFn
@@ -145,10 +145,7 @@ def read_mixed_plan(path: str | os.PathLike[str]) -> MixedPrecisionConfig:
 
     if not isinstance(path, (str, os.PathLike)):
         raise ValidationError(f"plan: expected a file path, got {type(path).__name__}")
-    p = Path(path)
-    if not p.is_file():
-        raise ValidationError(f"plan file not found: {p}" if not p.exists() else
-                              f"plan file {p} is not a regular file")
+    p = input_file(path, "plan")
     if p.stat().st_size > PLAN_MAX_BYTES:
         raise ValidationError(f"plan file {p} is {p.stat().st_size:,} bytes; a plan is small JSON")
     try:

@@ -47,6 +47,22 @@ def _final_mode(target: Path) -> int:
         os.umask(mask)
 
 
+def input_file(path: str | os.PathLike[str], what: str,
+               error: type[Exception] = ValidationError) -> Path:
+    """An input that is an existing, regular, non-empty file (a device such as /dev/zero
+    would be read forever), or ``error`` naming it (``what``: "model", "data", ...)."""
+    p = Path(path)
+    if not p.exists():
+        raise error(f"{what} file not found: {p}")
+    if p.is_dir():
+        raise error(f"{what} path is a folder, not a file: {p}")
+    if not p.is_file():
+        raise error(f"{what} path {p} is not a regular file (a device, pipe or socket)")
+    if p.stat().st_size == 0:
+        raise error(f"{what} file is empty: {p}")
+    return p
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_open(path) as handle:
         handle.write(data)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lowbit.errors import DataError
+from lowbit.fileio import input_file
 
 
 def load_npz(path: str | os.PathLike[str], limit: int | None = None) -> dict[str, np.ndarray]:
@@ -19,15 +19,7 @@ def load_npz(path: str | os.PathLike[str], limit: int | None = None) -> dict[str
     are read (streamed from the archive), so a huge calibration file costs no more
     memory than the samples used. Each member's header is checked against the bytes the
     archive holds and the machine's memory before anything is read."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data file not found: {p}")
-    if p.is_dir():
-        raise DataError(f"data path is a folder, expected an .npz file: {p}")
-    if not p.is_file():
-        raise DataError(f"data file {p} is not a regular file")
-    if p.stat().st_size == 0:
-        raise DataError(f"data file is empty: {p}")
+    p = input_file(path, "data", DataError)
     with open(p, "rb") as fh:
         head = fh.read(6)
     if head.startswith(b"\x93NUMPY"):

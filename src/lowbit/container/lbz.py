@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -27,7 +26,7 @@ from lowbit.container import tensors
 from lowbit.container.codecs import CodecError
 from lowbit.container.format import ContainerError
 from lowbit.errors import ModelLoadError, ValidationError
-from lowbit.fileio import write_bytes_atomic
+from lowbit.fileio import input_file, write_bytes_atomic
 
 # A ModelProto cannot serialize past 2 GiB (tensors plus graph), so no real model
 # decodes to more tensor data; and no real model expands more than MAX_RATIO times its
@@ -272,17 +271,8 @@ def read_lbz(path: str | os.PathLike[str]) -> onnx.ModelProto:
 def read_lbz_file(path: str | os.PathLike[str]) -> bytes:
     """The bytes of a ``.lbz`` file: a regular, non-empty file (a device such as /dev/zero
     would never end); ``ModelLoadError`` naming the path."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"lbz file not found: {p}")
-    if p.is_dir():
-        raise ModelLoadError(f"lbz path is a folder, not a file: {p}")
-    if not p.is_file():
-        raise ModelLoadError(f"lbz path {p} is not a regular file (a device, pipe or socket)")
+    p = input_file(path, "lbz", ModelLoadError)
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except OSError as exc:
         raise ModelLoadError(f"cannot read lbz file {p}: {exc.strerror or exc}") from None
-    if not data:
-        raise ModelLoadError(f"lbz file is empty: {p}")
-    return data

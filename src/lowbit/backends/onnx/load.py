@@ -9,7 +9,6 @@ which stops constant folding), the default-domain opset is raised to at least
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import onnx
 
@@ -17,21 +16,14 @@ from lowbit.backends.onnx.checks import check_finite_weights
 from lowbit.backends.onnx.graph import node_name
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.errors import ModelLoadError
+from lowbit.fileio import input_file
 
 MIN_OPSET = 13
 
 
 def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Read and check an ONNX file, with one clear error for each way it can be bad."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"model file not found: {p}")
-    if p.is_dir():
-        raise ModelLoadError(f"model path is a folder, not a file: {p}")
-    if not p.is_file():
-        raise ModelLoadError(f"model path {p} is not a regular file (a device, pipe or socket)")
-    if p.stat().st_size == 0:
-        raise ModelLoadError(f"model file is empty: {p}")
+    p = input_file(path, "model", ModelLoadError)
     try:
         # The checker on the path first: it reads the file in C++ and frees it,
         # so peak memory stays at one parse of the model.

@@ -170,6 +170,8 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
     reduce_range = config.reduce_range if config.reduce_range is not None else \
         lacks_vnni()
 
+    tables: dict[str, Any] = {}  # embedding codes, computed once for every variant
+
     def make_plan(v: Variant) -> QuantizationPlan:
         plan = build_int8_plan(fm, treatments=v.treatments, exclude=config.exclude_nodes,
                                keep_float=v.keep_float, strict=config.strict)
@@ -177,7 +179,8 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
                               "variant": v.name, "treatments": {
                                   k: getattr(t, "value", t) for k, t in v.treatments.items()}})
         if config.embeddings:
-            plan_embeddings(fm, plan, bits=8, group_size=128, exclude=config.exclude_nodes)
+            plan_embeddings(fm, plan, bits=8, group_size=128, exclude=config.exclude_nodes,
+                            cache=tables)
         fill_weights(plan, fm, config.weight_granularity.value, reduce_range=reduce_range)
         return plan
 

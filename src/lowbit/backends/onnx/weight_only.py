@@ -191,9 +191,12 @@ def _check_bias(fm: FloatModel, item: WeightedNode, n: int) -> None:
 
 
 def plan_embeddings(fm: FloatModel, plan: QuantizationPlan, *, bits: int, group_size: int,
-                    exclude: tuple[str, ...] = ()) -> None:
+                    exclude: tuple[str, ...] = (),
+                    cache: dict[str, GroupQuantized] | None = None) -> None:
     """Gather on a constant 2-D table (token/position embeddings): blockwise symmetric
-    ``bits`` (4 or 8) codes, dequantized at lookup (GatherBlockQuantized)."""
+    ``bits`` (4 or 8) codes, dequantized at lookup (GatherBlockQuantized). ``cache``
+    keeps each table's codes for the next plan of the same model (auto's variants)."""
+    cache = {} if cache is None else cache
     index = GraphIndex(fm.proto, fm.weights)
     tied = {n.weight for n in plan.nodes.values()}
     for i, node in enumerate(fm.proto.graph.node):
@@ -221,8 +224,9 @@ def plan_embeddings(fm: FloatModel, plan: QuantizationPlan, *, bits: int, group_
             plan.decide(name, "Gather", Treatment.FLOAT, why)
             continue
         w = np.asarray(index.constant(table), dtype=np.float32)  # (rows, dim)
-        _record(plan, table, rtn(w, bits=bits, group_size=block, symmetric=True), w,
-                transposed=False, exact=True, label=name)
+        if table not in cache:
+            cache[table] = rtn(w, bits=bits, group_size=block, symmetric=True)
+        _record(plan, table, cache[table], w, transposed=False, exact=True, label=name)
         plan.add_node(NodeQuant(name, "Gather", Treatment.WEIGHT_ONLY, table),
                       f"embedding table, blockwise symmetric, block {block}, dequantized at "
                       "lookup", bits=bits)
