@@ -64,10 +64,11 @@ class NodeDecision:
 
 @dataclass(frozen=True)
 class Fold:
-    """A Relu/Clip that disappears into the saturation of ``producer``'s output."""
+    """A Relu/Clip that disappears into the saturation of ``producer``'s output, or the
+    bias Add of a static MatMul that its integer Gemm absorbs (``clip`` None)."""
 
     producer: str  # node name
-    activation: str  # node name of the Relu/Clip
+    activation: str  # node name of the Relu/Clip (or bias Add)
     output: str  # tensor the producer writes after the fold
     clip: tuple[float, float] | None  # Clip bounds; None for Relu
 

@@ -39,19 +39,23 @@ class GraphWriter:
     def add(self, node: onnx.NodeProto) -> None:
         self._new_nodes.append(node)
 
+    def nodes(self) -> list[onnx.NodeProto]:
+        """The graph's nodes and those added so far."""
+        return list(self.graph.node) + self._new_nodes
+
     def remove(self, node: onnx.NodeProto) -> None:
         self.graph.node.remove(node)
 
     def rename_input(self, old: str, new: str) -> None:
         """Every node reading ``old`` reads ``new`` instead."""
-        for node in list(self.graph.node) + self._new_nodes:
+        for node in self.nodes():
             for k, x in enumerate(node.input):
                 if x == old:
                     node.input[k] = new
 
     def rename_output(self, old: str, new: str) -> None:
         """The node producing ``old`` produces ``new`` instead."""
-        for node in list(self.graph.node) + self._new_nodes:
+        for node in self.nodes():
             for k, x in enumerate(node.output):
                 if x == old:
                     node.output[k] = new

@@ -3,8 +3,8 @@
 Each node's op type is looked up in ``registry.REGISTRY`` and its rule's kind
 picks the handler below: weighted ops get INT8 weights (static or dynamic),
 elementwise ops quantize next to quantized producers, shared-scale ops pass
-8-bit data through, and a Relu/Clip directly after a static op is folded into
-that op's output range. Every node gets a decision with its reason; the plan
+8-bit data through, and a Relu/Clip directly after a static weighted or elementwise
+op is folded into that op's output range. Every node gets a decision with its reason; the plan
 holds no parameters yet (calibration and the weight rules fill them).
 """
 
@@ -72,23 +72,57 @@ class _Planner:
                                "INT8 weights, activations quantized at run time")
             return
         self.add_activation(node.input[0])
-        self.plan.add_node(NodeQuant(name, node.op_type, Treatment.STATIC, item.weight, item.bias),
-                           "INT8 weights, UINT8 activations per tensor")
-        out = node.output[0]
-        outputs = set(self.index.graph_outputs)
-        consumers = self.index.consumers.get(out, [])
-        if out not in outputs and len(consumers) == 1:
-            act = consumers[0]
-            foldable, clip = _foldable(act, self.index)
-            if foldable:
-                act_name = node_name(act, self.nodes.index(act))
-                self.plan.folds.append(Fold(name, act_name, act.output[0], clip))
-                self.folded_away.add(act_name)
-                self.plan.decide(act_name, act.op_type, Treatment.FOLDED,
-                                 f"folded into {name}'s output range")
-                out = act.output[0]
-        if node.op_type == "Conv" or out not in outputs:
+        bias, out = item.bias, node.output[0]
+        if node.op_type == "MatMul":
+            bias, out = self.bias_add(node, name, item.weight)
+        self.plan.add_node(NodeQuant(name, node.op_type, Treatment.STATIC, item.weight, bias),
+                           "INT8 weights, UINT8 activations per tensor" +
+                           (", bias in the integer kernel (Gemm)" if bias and not item.bias else ""))
+        out = self.fold_activation(out, name, output_quantized=node.op_type == "Conv")
+        if node.op_type == "Conv" or out not in self.index.graph_outputs:
             self.add_activation(out)
+
+    def bias_add(self, node: onnx.NodeProto, name: str, weight: str) -> tuple[str | None, str]:
+        """(bias, output) of a static MatMul: an Add of a constant [N] vector that is the
+        only consumer of its output becomes the bias of an integer Gemm (QGemm) and
+        disappears; (None, the MatMul's output) otherwise."""
+        out = node.output[0]
+        consumers = self.index.consumers.get(out, [])
+        if out in self.index.graph_outputs or len(consumers) != 1 or \
+                consumers[0].op_type != "Add" or consumers[0].domain not in ("", "ai.onnx"):
+            return None, out
+        add = consumers[0]
+        other = [x for x in add.input if x != out]
+        w = self.index.constant(weight)
+        b = self.index.constant(other[0]) if len(other) == 1 else None
+        rank = len(self.index.shape(node.input[0]) or ())
+        if w is None or w.ndim != 2 or b is None or b.dtype != w.dtype or b.size != w.shape[1] \
+                or b.shape[-1] != w.shape[1] or (b.ndim > 1 and b.ndim > rank):
+            return None, out
+        add_name = node_name(add, self.nodes.index(add))
+        self.plan.folds.append(Fold(name, add_name, add.output[0], None))
+        self.folded_away.add(add_name)
+        self.plan.decide(add_name, "Add", Treatment.FOLDED, f"bias of {name}'s integer Gemm")
+        return other[0], add.output[0]
+
+    def fold_activation(self, out: str, name: str, *, output_quantized: bool = True) -> str:
+        """Fold a Relu/Clip(0, c) that is the only consumer of ``out`` (written by node
+        ``name``) into that tensor's quantization range; return the tensor that now ends
+        ``name``. Not when the activation's output is a graph output that will not be
+        quantized (``output_quantized`` False): nothing would saturate it."""
+        consumers = self.index.consumers.get(out, [])
+        if out in self.index.graph_outputs or len(consumers) != 1:
+            return out
+        act = consumers[0]
+        foldable, clip = _foldable(act, self.index)
+        if not foldable or (not output_quantized and act.output[0] in self.index.graph_outputs):
+            return out
+        act_name = node_name(act, self.nodes.index(act))
+        self.plan.folds.append(Fold(name, act_name, act.output[0], clip))
+        self.folded_away.add(act_name)
+        self.plan.decide(act_name, act.op_type, Treatment.FOLDED,
+                         f"folded into {name}'s output range")
+        return act.output[0]
 
     def elementwise(self, node: onnx.NodeProto, i: int, name: str, rule: OpRule) -> None:
         picked = node.input if rule.activation_inputs is None else \
@@ -106,7 +140,7 @@ class _Planner:
         else:
             for x in acts:
                 self.add_activation(x)
-            self.add_activation(node.output[0])
+            self.add_activation(self.fold_activation(node.output[0], name))
             self.plan.add_node(NodeQuant(name, node.op_type, Treatment.STATIC),
                                "8-bit inputs and output")
 

@@ -8,6 +8,7 @@ QGemm, DynamicQuantizeMatMul, ...).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -85,17 +86,73 @@ def write_int8(fm: FloatModel, plan: QuantizationPlan, writer: GraphWriter) -> N
     inputs = set(index.graph_inputs)
     for tensor in plan.activations:
         _qdq_activation(writer, tensor, plan.activation_params(tensor), tensor in inputs)
+    _shapes_from_8bit(writer)
+
+
+def _shapes_from_8bit(w: GraphWriter) -> None:
+    """A Shape that reads a DequantizeLinear output reads its 8-bit input instead (same
+    shape), so no tensor is dequantized only to learn its shape."""
+    nodes = w.nodes()
+    source = {n.output[0]: n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    for node in nodes:
+        if node.op_type == "Shape" and node.input[0] in source:
+            node.input[0] = source[node.input[0]]
 
 
 def _static_weights(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
                     plan: QuantizationPlan, index: GraphIndex) -> None:
     weight = str(item.weight)
+    if node.op_type == "MatMul" and item.bias is not None:
+        _static_matmul_as_gemm(w, node, item, plan, index)
+        return
     node.input[1] = _dequantized_constant(w, weight, plan.values_of(weight, index.constant),
                                           plan.tensors[weight])
     if item.bias is not None and item.bias in plan.tensors:
         bias = plan.values_of(item.bias, index.constant)
         node.input[2] = _dequantized_constant(w, item.bias, bias.reshape(-1),
                                               plan.tensors[item.bias])
+
+
+def _static_matmul_as_gemm(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
+                           plan: QuantizationPlan, index: GraphIndex) -> None:
+    """A static MatMul whose bias Add the plan folded -> Gemm(transB=1) with the bias, which
+    ONNX Runtime runs as one QGemm (bias and a folded Relu inside). An input of rank other
+    than 2 is reshaped to [rows, K] and the result back to [..., N]; the Q/DQ pairs around
+    the reshapes repeat the neighbours' parameters, so the reshapes run on 8-bit data."""
+    weight, bias = str(item.weight), str(item.bias)
+    values = plan.values_of(weight, index.constant)  # (K, N), channels on axis 1
+    params = dataclasses.replace(plan.tensors[weight], axis=0)
+    w_dq = _dequantized_constant(w, weight, np.ascontiguousarray(values.T), params)
+    b_dq = _dequantized_constant(w, bias, plan.values_of(bias, index.constant).reshape(-1),
+                                 plan.tensors[bias])
+    x, out = node.input[0], node.output[0]
+    prefix = w.names(f"{node.name or 'MatMul'}_gemm")
+    gemm = helper.make_node("Gemm", [x, w_dq, b_dq], [out], name=node.name or prefix, transB=1)
+    w.remove(node)
+    w.add(gemm)
+    if len(index.shape(x) or ()) == 2:
+        return
+    k, n = values.shape
+    x2d, y2d = w.names(f"{prefix}_x2d"), w.names(f"{prefix}_y2d")
+    shape, lead, target = (w.names(f"{prefix}_shape"), w.names(f"{prefix}_lead"),
+                           w.names(f"{prefix}_target"))
+    gemm.input[0], gemm.output[0] = x2d, y2d
+    for new in (
+        helper.make_node("Reshape", [x, w.const(f"{prefix}_rows", np.asarray([-1, k], np.int64))],
+                         [x2d], name=w.names(f"{prefix}_Reshape_in")),
+        helper.make_node("Shape", [x], [shape], name=w.names(f"{prefix}_Shape")),
+        helper.make_node("Slice", [shape, w.const(f"{prefix}_zero", np.asarray([0], np.int64)),
+                                   w.const(f"{prefix}_last", np.asarray([-1], np.int64))],
+                         [lead], name=w.names(f"{prefix}_Slice")),
+        helper.make_node("Concat", [lead, w.const(f"{prefix}_n", np.asarray([n], np.int64))],
+                         [target], axis=0, name=w.names(f"{prefix}_Concat")),
+        helper.make_node("Reshape", [y2d, target], [out], name=w.names(f"{prefix}_Reshape_out")),
+    ):
+        w.add(new)
+    if x in plan.tensors or x in plan.shared:
+        _qdq_activation(w, x2d, plan.activation_params(x), False)
+    if out in plan.tensors or out in plan.shared:
+        _qdq_activation(w, y2d, plan.activation_params(out), False)
 
 
 def _constant_operands(w: GraphWriter, node: onnx.NodeProto, plan: QuantizationPlan,
