@@ -7,8 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 from lowbit.backends.onnx.quantize import Int8Outcome, quantize_int8
-from lowbit.backends.onnx.scoring import accuracy_points, output_cosine, reference_outputs
-from lowbit.config import Int8Config
+from lowbit.backends.onnx.scoring import (
+    accuracy_points,
+    output_cosine,
+    reference_outputs,
+    sqnr_of,
+)
+from lowbit.config import Int8Config, QuantMode
 from lowbit.data import Dataset
 from lowbit.errors import DataError
 from lowbit.metrics import accuracy
@@ -18,6 +23,7 @@ from lowbit.runtime.environment import cpu_info
 from lowbit.stages.base import RunContext, register
 
 SMOOTHQUANT_ALPHAS = (0.5, 0.7, 0.85)
+SMOOTHQUANT_MIN_GAIN_DB = 1.0  # default SmoothQuant (no quality target) must buy this much
 
 
 @register(Int8Config)
@@ -28,8 +34,11 @@ def int8_stage(config: Int8Config, ctx: RunContext) -> dict[str, Any]:
                             batch=ctx.batch)
     if config.has_quality_target:
         outcome = _meet_target(ctx, calib, config, outcome)
+    elif config.smoothquant and config.search_time != 0 and \
+            outcome.plan.nodes_with(Treatment.DYNAMIC):
+        outcome = _smooth_if_better(ctx, calib, config, outcome)
     ctx.plan, ctx.written = outcome.plan, outcome.model
-    ctx.warnings.extend(outcome.warnings)
+    ctx.warnings.extend(_dynamic_nothing(outcome.warnings, outcome, config))
     ctx.seconds.update({k: round(v, 3) for k, v in outcome.seconds.items()})
     ctx.sections["mode_by_op"] = outcome.plan.metadata.get("treatments", {})
     if outcome.plan.metadata.get("reduce_range"):
@@ -49,6 +58,64 @@ def int8_stage(config: Int8Config, ctx: RunContext) -> dict[str, Any]:
         "source": calib.source,
     }
     return {"mode": config.mode.value}
+
+
+def _dynamic_nothing(warnings: list[str], outcome: Int8Outcome, config: Int8Config) -> list[str]:
+    """``warnings``, with a dynamic run that quantized nothing said in one line that
+    points to static mode (instead of the generic "no operator was quantized")."""
+    if config.mode is not QuantMode.DYNAMIC or outcome.plan.nodes_with(
+            Treatment.STATIC, Treatment.DYNAMIC, Treatment.WEIGHT_ONLY):
+        return warnings
+    convs = sum(1 for d in outcome.plan.decisions if d.op_type == "Conv")
+    what = f"not the model's {convs} Conv(s), which ONNX Runtime runs slower as ConvInteger" \
+        if convs else "and nothing else in this model"
+    return [w for w in warnings if not w.startswith("no operator was quantized")] + [
+        "nothing could be quantized dynamically: dynamic INT8 covers MatMul/Gemm, LSTM and "
+        f"embeddings, {what}; use --mode static"]
+
+
+def _smooth_if_better(ctx: RunContext, calib: Dataset, config: Int8Config,
+                      first: Int8Outcome) -> Int8Outcome:
+    """Without a quality target: the chosen variant is rebuilt on SmoothQuant copies (each
+    alpha of ``SMOOTHQUANT_ALPHAS``); the most accurate is kept when its output SQNR is at
+    least ``SMOOTHQUANT_MIN_GAIN_DB`` better and, timed beside the unsmoothed model, it
+    is at most 5% slower (the inserted Muls cost time)."""
+    from lowbit.backends.onnx.candidates import relative_speeds
+    from lowbit.backends.onnx.smoothquant import smooth, smoothing_statistics
+
+    stats = smoothing_statistics(ctx.fm, calib, threads=ctx.threads)
+    if not stats:
+        return first
+    selection = calib.take(0, 64)
+    reference = reference_outputs(ctx.fm, selection, threads=ctx.threads)
+    base_db = sqnr_of(first.model, selection, reference)
+    tried: dict[float, float] = {}
+    best: tuple[float, float, Any, Int8Outcome] | None = None
+    for alpha in SMOOTHQUANT_ALPHAS:
+        smoothed, n_inputs = smooth(ctx.fm, calib, alpha=alpha, statistics=stats)
+        candidate = quantize_int8(smoothed, calib, config, threads=ctx.threads,
+                                  variant=first.variant)
+        tried[alpha] = round(sqnr_of(candidate.model, selection, reference), 2)
+        if best is None or tried[alpha] > best[1]:
+            best = (alpha, tried[alpha], smoothed, candidate)
+        del candidate
+    if best is None:
+        return first
+    alpha, db, smoothed, candidate = best
+    section: dict[str, Any] = {"inputs": n_inputs, "sqnr_db_without": round(base_db, 2),
+                               "sqnr_db_by_alpha": tried, "alpha": None, "kept": False}
+    ctx.sections["smoothquant"] = section
+    if db < base_db + SMOOTHQUANT_MIN_GAIN_DB:
+        return first
+    speeds = relative_speeds([first.model, candidate.model], calib, batch=ctx.batch,
+                             threads=ctx.threads)
+    section["speed_with_vs_without"] = round(speeds[1], 3)
+    if speeds[1] < 0.95:
+        return first
+    section.update(alpha=alpha, kept=True)
+    ctx.fm = smoothed  # the smoothed float model is what the plan quantizes
+    candidate.search = first.search
+    return candidate
 
 
 def _scorer(ctx: RunContext, calib: Dataset, config: Int8Config

@@ -115,6 +115,17 @@ def choose_variant(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
     return SearchOutcome(index, chosen, rows, round(time.perf_counter() - t0, 3), iterations)
 
 
+def relative_speeds(models: list[onnx.ModelProto], calib: Dataset, *, batch: int,
+                    threads: int, iterations: int = 10) -> list[float]:
+    """Speed of each model relative to the first, timed alternating at ``batch`` and
+    ``threads``."""
+    sessions = [make_session(m, threads=threads, name="INT8 candidate") for m in models]
+    p50s = _timed(sessions, calib.feed(batch), batch, threads, iterations)
+    del sessions
+    release_memory()
+    return [p50s[0] / p if p > 0 else 0.0 for p in p50s]
+
+
 def _quality(session: Any, k: int, selection: Dataset, reference: list[np.ndarray],
              known: dict[int, float]) -> float:
     if k not in known:

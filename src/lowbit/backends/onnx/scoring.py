@@ -8,7 +8,7 @@ import numpy as np
 
 from lowbit.backends.onnx.session import make_session, run_batches
 from lowbit.data import Dataset
-from lowbit.metrics import accuracy, mean_cosine
+from lowbit.metrics import accuracy, mean_cosine, sqnr_db
 
 
 def reference_outputs(model: Any, data: Dataset, *, threads: int = 1) -> list[np.ndarray]:
@@ -20,6 +20,12 @@ def output_cosine(model: Any, data: Dataset, reference: list[np.ndarray]) -> flo
     """Mean output cosine of ``model`` against ``reference`` over samples and outputs."""
     outs = run_batches(make_session(model, name="candidate"), data, 16)
     return float(np.mean([mean_cosine(r, o) for r, o in zip(reference, outs)]))
+
+
+def sqnr_of(model: Any, data: Dataset, reference: list[np.ndarray]) -> float:
+    """Mean output SQNR (dB) of ``model`` against ``reference`` over its outputs."""
+    outs = run_batches(make_session(model, name="candidate"), data, 16)
+    return float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
 
 
 def accuracy_points(model: Any, data: Dataset) -> float | None:

@@ -60,13 +60,24 @@ def channel_absmax(fm: FloatModel, tensors: list[str], data: Dataset, batch_size
     return out
 
 
-def smooth(fm: FloatModel, data: Dataset, *, alpha: float = 0.5, threads: int = 1) -> tuple[FloatModel, int]:
+def smoothing_statistics(fm: FloatModel, data: Dataset, *, threads: int = 1
+                         ) -> dict[str, np.ndarray]:
+    """Per-channel absmax of every MatMul/Gemm input that ``smooth`` would scale (one
+    pass over ``data``, shared by every alpha tried)."""
+    groups = _matmul_consumers(fm)
+    return channel_absmax(fm, list(groups), data, threads=threads) if groups else {}
+
+
+def smooth(fm: FloatModel, data: Dataset, *, alpha: float = 0.5, threads: int = 1,
+           statistics: dict[str, np.ndarray] | None = None) -> tuple[FloatModel, int]:
     """A numerically equivalent float model with activation outliers moved into weights.
-    Returns (model, number of smoothed MatMul inputs)."""
+    Returns (model, number of smoothed MatMul inputs). ``statistics``: from
+    ``smoothing_statistics`` on the same model, to skip the pass over ``data``."""
     groups = _matmul_consumers(fm)
     if not groups:
         return fm, 0
-    amax = channel_absmax(fm, list(groups), data, threads=threads)
+    amax = statistics if statistics is not None else \
+        channel_absmax(fm, list(groups), data, threads=threads)
     proto = onnx.ModelProto()
     proto.CopyFrom(fm.proto)
     out = FloatModel(proto, dict(fm.weights))

@@ -17,7 +17,7 @@ from lowbit.backends.onnx.graph import GraphIndex, node_name
 from lowbit.backends.onnx.graph import attrs as node_attrs
 from lowbit.backends.onnx.session import make_session
 from lowbit.backends.onnx.store import FloatModel
-from lowbit.quant import affine
+from lowbit.quant import affine, weight_rules
 from lowbit.quant.observers import HistogramObserver
 from lowbit.runtime.latency import measure_side_by_side
 
@@ -35,9 +35,10 @@ def _single_conv(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | No
     nodes = []
     x = "x"
     if quantized:
-        a_scale, a_zp = affine.scale_zero_point(-1.0, 1.0, bits=8, signed=False, symmetric=False)
-        inits += [numpy_helper.from_array(a_scale.reshape(()), "a_s"),
-                  numpy_helper.from_array(a_zp.reshape(()).astype(np.uint8), "a_zp")]
+        ap = affine.activation_params(-1.0, 1.0)
+        inits += [numpy_helper.from_array(np.asarray(ap.scale, np.float32).reshape(()), "a_s"),
+                  numpy_helper.from_array(np.asarray(ap.zero_point).reshape(()).astype(np.uint8),
+                                          "a_zp")]
         nodes += [helper.make_node("QuantizeLinear", ["x", "a_s", "a_zp"], ["xq"]),
                   helper.make_node("DequantizeLinear", ["xq", "a_s", "a_zp"], ["xd"])]
         x = "xd"
@@ -51,9 +52,9 @@ def _single_conv(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | No
     conv_inputs = [x, "w"]
     if bias is not None:
         if quantized:
-            b_scale = (np.asarray(wp.scale, np.float32) * np.float32(a_scale)).astype(np.float32)
-            inits += [numpy_helper.from_array(np.round(bias / b_scale).astype(np.int32), "bq"),
-                      numpy_helper.from_array(b_scale, "b_s"),
+            bp = weight_rules.bias_params(ap, wp, len(bias))  # (a zero weight scale is floored)
+            inits += [numpy_helper.from_array(affine.quantize(bias, bp, dtype=np.int32), "bq"),
+                      numpy_helper.from_array(np.asarray(bp.scale, np.float32), "b_s"),
                       numpy_helper.from_array(np.zeros(len(bias), np.int32), "b_zp")]
             nodes.append(helper.make_node("DequantizeLinear", ["bq", "b_s", "b_zp"], ["b"], axis=0))
         else:
