@@ -56,7 +56,7 @@ def _quantize_config(mode: str | None, calibration: str | None, bits: int | None
 def quantize(model: Any, data: Any, *, mode: str | None = None, calibration: str | None = None,
              bits: int | None = None, group_size: int | None = None, algorithm: str | None = None,
              strict: bool | None = None, config: StageConfig | None = None,
-             eval_data: Any = None, threads: int = 1, batch: int = 8, verify: bool = True,
+             eval_data: Any = None, threads: int = 1, batch: int | None = None, verify: bool = True,
              progress: ProgressFn | None = None) -> CompressedModel:
     """Quantize an ONNX model or a torch module: INT8 (static QDQ and/or dynamic), 2-8 bit
     weight-only, or a mixed-precision plan. Give either the options or a ``config``
@@ -64,6 +64,9 @@ def quantize(model: Any, data: Any, *, mode: str | None = None, calibration: str
 
     ``data`` calibrates (an .npz path, arrays, ``(x, y)``, a dict by input name, or a
     DataLoader); ``eval_data`` verifies (default: the last 20% of ``data``, held back).
+    ``batch``: the batch the result is timed at (default: the model's fixed batch, else
+    8; one that disagrees with a fixed batch is refused). Arrays with one more axis than
+    the model's input hold whole samples, run one at a time (``lowbit.layouts``).
 
     >>> qm = quantize("model.onnx", "calib.npz", mode="static")       # doctest: +SKIP
     >>> qm.save("model.int8.onnx")                                     # doctest: +SKIP
@@ -208,9 +211,10 @@ def evaluate(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,
     return evaluate_model(model, data, threads=threads)
 
 
-def bench(models: list[str | os.PathLike[str]], *, data: Any = None, batch: int = 8,
+def bench(models: list[str | os.PathLike[str]], *, data: Any = None, batch: int | None = None,
           threads: int = 1, iterations: int = 50) -> dict[str, Any]:
-    """Latency, throughput, size and accuracy of several models side by side."""
+    """Latency, throughput, size and accuracy of several models side by side, at
+    ``batch`` (default: the models' fixed batch, else 8)."""
     from lowbit.report.bench import bench_models
 
     return bench_models(models, data=data, batch=batch, threads=threads, iterations=iterations)

@@ -1,7 +1,8 @@
 """Data in: .npz files, arrays, dicts, torch tensors and DataLoaders.
 
-Everything becomes a ``Dataset``: one float/int array per model input (first
-axis = samples) and optional labels ``y``. Files are read with
+Everything becomes a ``Dataset``: one float/int array per model input (first axis =
+samples) and optional labels ``y``. How the arrays map onto the model's inputs (rows
+of a batch, or whole samples) is ``lowbit.layouts``' rule. Files are read with
 ``allow_pickle=False``: an .npz can never run code.
 """
 
@@ -15,59 +16,104 @@ from typing import Any
 import numpy as np
 
 from lowbit.errors import DataError
+from lowbit.layouts import (
+    DEFAULT_BATCH,
+    InputSpec,
+    fixed_batch,
+    holds_whole_samples,
+    no_batch_axis,
+    resolve_batch,
+    synthetic_shape,
+    whole_sample_labels,
+)
 from lowbit.npz import load_npz
 
 LABEL_KEYS = ("y", "labels", "label")
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: name, numpy dtype and shape (ints, or None/str for dynamic)."""
-
-    name: str
-    dtype: np.dtype[Any]
-    shape: tuple[int | str | None, ...]
-
-
 @dataclass
 class Dataset:
-    """Samples for a model's inputs, and optional labels. ``fixed_batch``: the batch size
-    the model's inputs are declared with (a static first dimension), which every batch
-    then has."""
+    """Samples for a model's inputs, and optional labels.
+
+    ``fixed_batch``: the batch size the model's inputs declare (a static first
+    dimension), which every run then has. ``whole``: each sample (first axis) is a whole
+    input and the model runs once per sample (``lowbit.layouts``). ``labels`` hold one
+    entry per output row: ``label_rows`` per sample (the rows of one run's first output
+    when samples are whole, else 1)."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = "data"
     fixed_batch: int | None = None
+    whole: bool = False
+    label_rows: int = 1
 
     @property
     def num_samples(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 
     def take(self, start: int, stop: int) -> Dataset:
+        r = self.label_rows
         return Dataset(
             {k: v[start:stop] for k, v in self.inputs.items()},
-            None if self.labels is None else self.labels[start:stop],
-            self.source, self.fixed_batch,
+            None if self.labels is None else self.labels[start * r : stop * r],
+            self.source, self.fixed_batch, self.whole, r,
         )
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Consecutive batches; with ``fixed_batch`` each has exactly that size (the last
-        one filled up from the start), and a caller keeps the first ``num_samples`` results."""
-        size = self.fixed_batch or batch_size
+    def runs(self, batch_size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(samples covered, feed) for each model run: one whole sample per run, or
+        consecutive rows; with ``fixed_batch`` each run has exactly that many rows (the
+        last one filled up from the start), and a caller keeps the first ``num_samples``
+        results."""
         n = self.num_samples
+        if self.whole:
+            for i in range(n):
+                yield 1, {k: v[i] for k, v in self.inputs.items()}
+            return
+        size = self.fixed_batch or batch_size
         for start in range(0, n, size):
             if self.fixed_batch and start + size > n:
                 idx = np.arange(start, start + size) % n
-                yield {k: np.ascontiguousarray(v[idx]) for k, v in self.inputs.items()}
+                yield n - start, {k: np.ascontiguousarray(v[idx]) for k, v in self.inputs.items()}
             else:
-                yield {k: v[start : start + size] for k, v in self.inputs.items()}
+                yield min(size, n - start), {k: v[start : start + size]
+                                             for k, v in self.inputs.items()}
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """The feed of each model run (``runs``)."""
+        for _, feed in self.runs(batch_size):
+            yield feed
 
     def feed(self, batch_size: int) -> dict[str, np.ndarray]:
-        """One batch of exactly ``batch_size`` samples (``fixed_batch`` if the model has
-        one; repeating samples if needed)."""
+        """One run's input: the first whole sample, or exactly ``batch_size`` rows
+        (``fixed_batch`` if the model has one; repeating samples if needed)."""
+        if self.whole:
+            return {k: np.ascontiguousarray(v[0]) for k, v in self.inputs.items()}
         idx = np.arange(self.fixed_batch or batch_size) % self.num_samples
         return {k: np.ascontiguousarray(v[idx]) for k, v in self.inputs.items()}
+
+    def rows_per_run(self, batch_size: int) -> int:
+        """The batch each run has: the first axis of a whole sample (1 if it has none),
+        else ``fixed_batch`` or ``batch_size``."""
+        if self.whole:
+            return next((int(v.shape[1]) for v in self.inputs.values() if v.ndim >= 2), 1)
+        return self.fixed_batch or batch_size
+
+    def join_outputs(self, parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Each output's per-run results as one array: rows concatenated (the fill-up
+        rows of a fixed batch dropped); whole samples' outputs concatenated along their
+        first axis (rows), or stacked where an output has fewer than two axes."""
+        if self.whole:
+            return [np.concatenate(p) if p[0].ndim >= 2 else np.stack(p) for p in parts]
+        n = self.num_samples
+        return [np.concatenate(p)[:n] if p[0].ndim else np.stack(p) for p in parts]
+
+
+def run_batch(specs: list[InputSpec], batch: int | None, data: Dataset | None = None) -> int:
+    """The batch a model runs and is timed at (``layouts.resolve_batch``): its fixed first
+    dimension, the rows of one whole sample of ``data``, or ``batch`` (default 8)."""
+    rows = data.rows_per_run(DEFAULT_BATCH) if data is not None and data.whole else None
+    return resolve_batch(specs, batch, rows)
 
 
 def _to_numpy(value: Any, what: str) -> np.ndarray:
@@ -154,11 +200,7 @@ def as_dataset(
         if key in raw and key not in {s.name for s in specs}:
             labels = _to_numpy(raw.pop(key), f"{source}: labels '{key}'")
             break
-    inputs = _match_inputs(raw, specs, source)
-    scalars = [k for k, v in inputs.items() if v.ndim == 0]
-    if scalars:
-        raise DataError(f"{source}: array(s) {scalars} hold a single value; samples go along "
-                        "the first axis")
+    inputs, whole = _match_inputs(raw, specs, source)
     n = next(iter(inputs.values())).shape[0]
     for name, arr in inputs.items():
         if arr.shape[0] != n:
@@ -167,27 +209,34 @@ def as_dataset(
             )
     if n == 0:
         raise DataError(f"{source}: no samples (the arrays are empty)")
+    empty = [k for k, v in inputs.items() if v.size == 0]
+    if empty:
+        raise DataError(f"{source}: array(s) {empty} hold no values (shape "
+                        f"{tuple(inputs[empty[0]].shape)})")
+    rows = 1
     if labels is not None:
         if labels.ndim == 0 or labels.shape[0] != n:
             raise DataError(f"{source}: {labels.shape[0] if labels.ndim else 0} labels for "
                             f"{n} samples")
+        if whole:
+            labels, rows, output = whole_sample_labels(labels, output, specs, inputs, source)
         labels = check_labels(labels, output, source)
-    if limit is not None and n > limit:
-        inputs = {k: v[:limit] for k, v in inputs.items()}
-        labels = None if labels is None else labels[:limit]
-    return Dataset(inputs, labels, source, fixed_batch(specs))
-
-
-def fixed_batch(specs: list[InputSpec]) -> int | None:
-    """The batch size a model's inputs declare (a static first dimension), if any."""
-    dims = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
-    return dims.pop() if len(dims) == 1 else None
+    dataset = Dataset(inputs, labels, source, fixed_batch(specs), whole, rows)
+    return dataset.take(0, limit) if limit is not None and n > limit else dataset
 
 
 def synthetic_dataset(specs: list[InputSpec], samples: int, seed: int = 0,
                       source: str = "synthetic inputs") -> Dataset:
-    """``samples`` seeded random inputs for a model with inputs ``specs``."""
-    return Dataset(synthetic_feed(specs, samples, seed), None, source, fixed_batch(specs))
+    """``samples`` seeded random inputs for a model with inputs ``specs``: rows where
+    the inputs share a batch axis, else whole samples (``lowbit.layouts``)."""
+    whole = no_batch_axis(specs) is not None
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        shape = synthetic_shape(spec, samples, whole)
+        feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype) \
+            if spec.dtype.kind == "f" else np.zeros(shape, dtype=spec.dtype)
+    return Dataset(feed, None, source, fixed_batch(specs), whole)
 
 
 def check_labels(labels: np.ndarray, output: tuple[int | str | None, ...] | None,
@@ -235,7 +284,9 @@ def _first_fraction(labels: np.ndarray) -> float:
     return float(labels[labels != np.round(labels)][0])
 
 
-def _match_inputs(raw: dict[str, Any], specs: list[InputSpec], source: str) -> dict[str, np.ndarray]:
+def _match_inputs(raw: dict[str, Any], specs: list[InputSpec], source: str
+                  ) -> tuple[dict[str, np.ndarray], bool]:
+    """The array of each input, in its dtype, and whether they hold whole samples."""
     names = [s.name for s in specs]
     if len(specs) == 1 and specs[0].name not in raw:
         if "x" in raw:
@@ -252,26 +303,18 @@ def _match_inputs(raw: dict[str, Any], specs: list[InputSpec], source: str) -> d
             f"{source}: no array for model input(s) {missing}; it has {sorted(raw)}. "
             "Use 'x' for a single-input model, or name the arrays after the model's inputs"
         )
-    out: dict[str, np.ndarray] = {}
-    for spec in specs:
-        arr = _to_numpy(raw[spec.name], f"{source}: array '{spec.name}'")
-        out[spec.name] = _fit(arr, spec, source)
-    return out
+    arrays = {s.name: _to_numpy(raw[s.name], f"{source}: array '{s.name}'") for s in specs}
+    scalars = [k for k, v in arrays.items() if v.ndim == 0]
+    if scalars:
+        raise DataError(f"{source}: array(s) {scalars} hold a single value; samples go along "
+                        "the first axis")
+    whole = holds_whole_samples(arrays, specs, source)
+    return {s.name: _fit(arrays[s.name], s, source) for s in specs}, whole
 
 
 def _fit(arr: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
+    """``arr`` in the input's dtype (its shape is checked by ``holds_whole_samples``)."""
     what = f"{source}: array '{spec.name}'"
-    if arr.ndim != len(spec.shape):
-        raise DataError(
-            f"{what} has shape {tuple(arr.shape)} (rank {arr.ndim}); the model input "
-            f"'{spec.name}' expects rank {len(spec.shape)} {_fmt_shape(spec.shape)}"
-        )
-    for axis, (got, want) in enumerate(zip(arr.shape[1:], spec.shape[1:]), start=1):
-        if isinstance(want, int) and want > 0 and got != want:
-            raise DataError(
-                f"{what} has shape {tuple(arr.shape)}; the model input '{spec.name}' expects "
-                f"{_fmt_shape(spec.shape)} (axis {axis}: {got} != {want})"
-            )
     want_kind = spec.dtype.kind
     if want_kind == "f":
         if arr.dtype.kind == "f":
@@ -286,28 +329,6 @@ def _fit(arr: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
             )
         arr = arr.astype(spec.dtype, copy=False)
     return np.ascontiguousarray(arr)
-
-
-def _fmt_shape(shape: tuple[int | str | None, ...]) -> str:
-    return "(" + ", ".join("?" if not isinstance(d, int) or d <= 0 else str(d) for d in shape) + ")"
-
-
-DEFAULT_DYNAMIC_DIM = 16  # non-batch dynamic dims (e.g. sequence length) without data
-
-
-def synthetic_feed(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """``batch`` seeded random rows of each input's shape and dtype (the first dimension
-    is ``batch`` even where the model fixes it: ``synthetic_dataset`` batches them)."""
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for spec in specs:
-        shape = [batch] + [d if isinstance(d, int) and d > 0 else DEFAULT_DYNAMIC_DIM
-                           for d in spec.shape[1:]]
-        if spec.dtype.kind == "f":
-            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        else:
-            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return feed
 
 
 def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

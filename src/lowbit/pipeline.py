@@ -24,8 +24,14 @@ import onnx
 
 import lowbit.stages  # noqa: F401  (registers every stage)
 from lowbit.backends.onnx.checks import check_token_ids
+from lowbit.backends.onnx.precision import (
+    LOW_FLOAT_TYPES,
+    as_given_dtypes,
+    describe,
+    restore_signature,
+)
 from lowbit.backends.onnx.session import first_output_shape, input_specs_of_model, make_session
-from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.onnx.store import FloatModel, GivenPrecision
 from lowbit.backends.onnx.writer import write_model
 from lowbit.config import (
     ChannelImportance,
@@ -38,11 +44,12 @@ from lowbit.config import (
     WeightOnlyConfig,
     check_run_settings,
 )
-from lowbit.data import Dataset, as_dataset, split_holdout
+from lowbit.data import Dataset, as_dataset, run_batch, split_holdout
 from lowbit.errors import ValidationError
 from lowbit.fileio import check_output_path, report_path, write_bytes_atomic, write_json_atomic
 from lowbit.model_io import external_data_files, resolve_model
 from lowbit.report.build import build_report, weight_section
+from lowbit.report.verify import check_model
 from lowbit.report.verify import verify as verify_model
 from lowbit.stages.base import ProgressFn, RunContext, handler_for
 
@@ -146,26 +153,35 @@ def _datasets(fm: FloatModel, data: Any, eval_data: Any, stages: Sequence[StageC
 
 
 def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_data: Any = None,
-        threads: int = 1, batch: int = 8, verify: bool = True, progress: ProgressFn | None = None,
-        tool: str = "lowbit run") -> CompressedModel:
+        threads: int = 1, batch: int | None = None, verify: bool = True,
+        progress: ProgressFn | None = None, tool: str = "lowbit run") -> CompressedModel:
     """Apply ``stages`` in order to ``model`` (ONNX path/proto, .lbz, or torch module).
 
     ``data`` calibrates and fine-tunes; ``eval_data`` verifies (default: the last 20%
-    of ``data``, held back from both)."""
+    of ``data``, held back from both). ``batch``: the batch the result is timed (and
+    chosen) at; default the model's fixed batch, else 8 (``lowbit.layouts``)."""
     check_stages(stages)
     if data is None and any(isinstance(c, (Int8Config, MixedPrecisionConfig)) for c in stages):
         raise ValidationError("quantization needs data (--data) to calibrate and verify")
     if data is None and any(getattr(c, "epochs", 0) > 0 for c in stages):
         raise ValidationError("option epochs: fine-tuning needs data with labels (--data)")
-    check_run_settings(threads=threads, batch=batch)
+    check_run_settings(threads=threads)
+    if batch is not None:
+        check_run_settings(batch=batch)
     t0 = time.perf_counter()
     keep_bn = any(isinstance(c, StructuredPruneConfig) and c.importance is ChannelImportance.BN
                   for c in stages)
     fm, name, in_size = resolve_model(model, data if data is not None else eval_data,
                                       fold_bn=not keep_bn)
+    given = fm.given  # a float16/bfloat16 model: fm is its float32 working copy
     train, holdout, separate = _datasets(fm, data, eval_data, stages)
+    batch = run_batch(input_specs_of_model(fm.proto), batch,
+                      train if train is not None else holdout)
     ctx = RunContext(fm=fm, original=fm, train=train, threads=threads, batch=batch,
                      progress=progress)
+    if given is not None:
+        quantizes = any(isinstance(c, QUANTIZE_CONFIGS) for c in stages)
+        ctx.notes.append(describe(given, "quantized" if quantizes else "compressed"))
     if isinstance(data, (str, os.PathLike)) and isinstance(eval_data, (str, os.PathLike)) \
             and Path(data).resolve() == Path(eval_data).resolve():
         ctx.warnings.append("the verification data is the calibration/training data: the "
@@ -181,25 +197,30 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
         ctx.seconds[config.kind] = time.perf_counter() - t
         done.append((config.to_dict(), settings))
     weights_fm = weights_fm or ctx.fm
+    sections = dict(ctx.sections)
     if ctx.plan is not None:
         output = ctx.written if ctx.written is not None else write_model(ctx.fm, ctx.plan)
     else:
         output = ctx.fm.joined()
-    lbz, sections = None, dict(ctx.sections)
+    working_output, original = output, ctx.original
+    if given is not None:  # the user's dtypes back on the inputs, outputs, float weights
+        output, original = restore_signature(output, given), given.original
+        sections["precision"] = _precision_section(given)
+    lbz = None
     if any(not isinstance(c, QUANTIZE_CONFIGS) for c in stages):
         from lowbit.container import encode
 
         lbz = encode(output)
-        sections.update(weight_section(ctx.original.joined().ByteSize(),
+        sections.update(weight_section(original.joined().ByteSize(),
                                        output.ByteSize(), len(lbz), weights_fm))
     verification = None
     if verify:
         if progress is not None:
             progress("verifying", 0, 1)
         structured = any(isinstance(c, StructuredPruneConfig) for c in stages)
-        verification = verify_model(ctx.original, output, holdout, threads=threads, batch=batch,
-                                    quantized=ctx.plan is not None,
-                                    claims_speed=ctx.plan is not None or structured)
+        verification = _verify(ctx.original, working_output, output, holdout, given,
+                               threads=threads, batch=batch, quantized=ctx.plan is not None,
+                               claims_speed=ctx.plan is not None or structured)
         if holdout is not None and not separate:
             verification["agreement"]["note"] = ("only one sample was given: verification "
                                                  "reuses the calibration data")
@@ -210,5 +231,31 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
                           sections=sections, plan=ctx.plan, notes=ctx.notes,
                           warnings=ctx.warnings, skipped=ctx.skipped, verification=verification,
                           seconds=ctx.seconds)
-    return CompressedModel(output, report, fm=weights_fm, original=ctx.original, lbz=lbz,
+    return CompressedModel(output, report, fm=weights_fm, original=original, lbz=lbz,
                            inputs=(model, *external_data_files(model), data, eval_data))
+
+
+def _verify(working: FloatModel, working_output: onnx.ModelProto, output: onnx.ModelProto,
+            holdout: Dataset | None, given: GivenPrecision | None,
+            **settings: Any) -> dict[str, Any]:
+    """Verify ``output`` against the model as given; where ONNX Runtime cannot run that
+    (bfloat16), verify the float32 working copies and check the written model."""
+    if given is None:
+        return verify_model(working, output, holdout, **settings)
+    if given.runs_as_given:
+        return verify_model(given.original, output, as_given_dtypes(holdout, given), **settings)
+    result = verify_model(working, working_output, holdout, **settings)
+    result["checker"] = check_model(output)
+    if result["checker"] != "passed":
+        result["flags"].append({"kind": "checker", "message": f"ONNX checker {result['checker']}"})
+    return result
+
+
+def _precision_section(given: GivenPrecision) -> dict[str, Any]:
+    def named(types: dict[str, int]) -> dict[str, str]:
+        return {k: LOW_FLOAT_TYPES[v] for k, v in types.items()}
+
+    return {"given": given.float_type, "working_copy": "float32", "inputs": named(given.inputs),
+            "outputs": named(given.outputs),
+            "verified_against": "the model as given" if given.runs_as_given else
+            "the float32 working copy (ONNX Runtime cannot run the model as given)"}

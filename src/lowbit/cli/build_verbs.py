@@ -87,7 +87,8 @@ def quantize(
     search_time: float | None = typer.Option(None, "--search-time", help="INT8 auto: seconds "
                                              "for timing its candidate models whole (default: "
                                              "3 s or 30% of the run; 0: fixed rule only)."),
-    batch: int = typer.Option(8, help="Batch size the model is timed (and chosen) at."),
+    batch: int | None = typer.Option(None, help="Batch size the model is timed (and chosen) "
+                                     "at; default the model's fixed batch, else 8."),
     threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
     require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a "
                                  "degradation or a slowdown."),

@@ -17,7 +17,8 @@ from lowbit.cli.common import (
 def bench(
     models: list[Path] = typer.Argument(..., help="ONNX models; ratios are against the first."),
     data: Path | None = typer.Option(None, "--data", help=".npz inputs (with 'y' for accuracy)."),
-    batch: int = typer.Option(8, help="Batch size."),
+    batch: int | None = typer.Option(None, help="Batch size; default the models' fixed "
+                                     "batch, else 8."),
     threads: int = typer.Option(1, help="ONNX Runtime intra-op threads."),
     iterations: int = typer.Option(50, help="Timed runs per model (at least)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

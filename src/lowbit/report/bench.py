@@ -11,34 +11,49 @@ import onnx
 from lowbit.backends.onnx.checks import check_token_ids
 from lowbit.backends.onnx.session import first_output_shape, input_specs, make_session, run_batches
 from lowbit.config import check_run_settings
-from lowbit.data import Dataset, as_dataset, synthetic_dataset
+from lowbit.data import (
+    DEFAULT_BATCH,
+    Dataset,
+    InputSpec,
+    as_dataset,
+    run_batch,
+    synthetic_dataset,
+)
 from lowbit.errors import ValidationError
+from lowbit.layouts import own_batch
 from lowbit.metrics import accuracy
 from lowbit.model_io import read_any
 from lowbit.runtime.environment import cpu_info, versions
 from lowbit.runtime.latency import measure_side_by_side
 
 
-def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch: int = 8,
-                 threads: int = 1, iterations: int = 50) -> dict[str, Any]:
+def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None,
+                 batch: int | None = None, threads: int = 1, iterations: int = 50
+                 ) -> dict[str, Any]:
+    """Latency, size and accuracy of every model, timed side by side at one batch (the
+    one a model fixes, else ``batch``, default 8: ``_one_batch``)."""
     if isinstance(paths, (str, os.PathLike)) or not isinstance(paths, (list, tuple)):
         raise ValidationError("bench needs a list of model paths")
     if not paths:
         raise ValidationError("bench needs at least one model")
-    check_run_settings(batch=batch, threads=threads, iterations=iterations)
-    sessions, feeds, datasets = [], [], []
+    check_run_settings(threads=threads, iterations=iterations)
+    if batch is not None:
+        check_run_settings(batch=batch)
+    sessions, datasets, timed, specs = [], [], [], []
     for path in paths:
         proto = read_any(path)  # ONNX or .lbz; one clear error for a bad file
         sess = make_session(proto, threads=threads, name=str(path))
-        specs = input_specs(sess)
-        ds: Dataset | None = (as_dataset(data, specs, output=first_output_shape(sess))
+        specs.append(input_specs(sess))
+        ds: Dataset | None = (as_dataset(data, specs[-1], output=first_output_shape(sess))
                               if data is not None else None)
         if ds is not None:
             check_token_ids(proto, ds)
         sessions.append(sess)
         datasets.append(ds)
-        feeds.append((ds or synthetic_dataset(specs, batch)).feed(batch))
-    stats = measure_side_by_side(sessions, feeds, batch=batch, threads=threads,
+        timed.append(ds or synthetic_dataset(specs[-1], batch or DEFAULT_BATCH))
+    at = _one_batch([str(p) for p in paths], specs, timed, batch)
+    feeds = [t.feed(at) for t in timed]
+    stats = measure_side_by_side(sessions, feeds, batch=at, threads=threads,
                                  iterations=iterations, min_time_s=0.5)
     rows = []
     base_p50 = stats[0].p50_ms
@@ -53,8 +68,23 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None, batch
         if ds is not None and ds.labels is not None:
             row["accuracy"] = accuracy(run_batches(sess, ds)[0], ds.labels)
         rows.append(row)
-    return {"batch": batch, "threads": threads, "models": rows,
+    return {"batch": at, "threads": threads, "models": rows,
             "environment": {**cpu_info(), **versions()}}
+
+
+def _one_batch(paths: list[str], specs: list[list[InputSpec]], timed: list[Dataset],
+               batch: int | None) -> int:
+    """The one batch every model is timed at: the batch a model or its data fixes
+    (``lowbit.layouts``), else ``batch`` (default 8); models that fix different ones
+    cannot be compared and are refused."""
+    owns = {p: own for p, s, t in zip(paths, specs, timed)
+            if (own := own_batch(s, t.rows_per_run(DEFAULT_BATCH) if t.whole else None))}
+    if len({own[0] for own in owns.values()}) > 1:
+        raise ValidationError("bench: the models run at different batches ("
+                              + "; ".join(f"{p}: {own[1]}" for p, own in owns.items())
+                              + "); models are compared at one batch")
+    k = next((paths.index(p) for p in owns), 0)
+    return run_batch(specs[k], batch, timed[k])
 
 
 def evaluate_model(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *,

@@ -134,8 +134,9 @@ def verify(
         scores = not isinstance(proto, onnx.ModelProto) or outputs_class_scores(proto)
         result["agreement"] = agreement(ref, app, compared.labels, class_scores=scores)
         result["agreement"]["source"] = compared.source
+        result["agreement"]["samples"] = compared.num_samples  # (rows may be more: whole samples)
     feed = compared.feed(batch)
-    batch = int(next(iter(feed.values())).shape[0])  # the model's own, if it fixes one
+    batch = compared.rows_per_run(batch)  # the model's own, if it fixes one (lowbit.layouts)
     stats = measure_side_by_side([sess_f, sess_q], [feed, feed], batch=batch, threads=threads,
                                  iterations=iterations, min_time_s=0.5)
     speedup = stats[0].p50_ms / stats[1].p50_ms if stats[1].p50_ms > 0 else float("inf")

@@ -51,13 +51,13 @@ def calibrate(
     augmented = expose_tensors(model, from_graph)
     session = make_session(augmented, threads=threads, name="model (calibration)", lean=True)
     observers = {t: HistogramObserver() for t in wanted}
-    for feed in dataset.batches(batch_size):
+    for samples, feed in dataset.runs(batch_size):
         results = session.run(from_graph, feed) if from_graph else []
         for name, value in zip(from_graph, results):
             observers[name].update(value)
         for name in from_inputs:
             observers[name].update(feed[name])
         if progress is not None:
-            progress(next(iter(feed.values())).shape[0])
+            progress(samples)
         del results
     return observers

@@ -3,7 +3,8 @@
 Normalising means: weights held in Constant nodes become initializers,
 initializers are removed from the graph inputs (old exporters list them there,
 which stops constant folding), the default-domain opset is raised to at least
-13 (per-channel QuantizeLinear needs it), and shapes are inferred.
+13 (per-channel QuantizeLinear needs it), shapes are inferred, and a float16 or
+bfloat16 graph becomes a float32 working copy (``precision.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import onnx
 
 from lowbit.backends.onnx.checks import check_finite_weights
 from lowbit.backends.onnx.graph import node_name
+from lowbit.backends.onnx.precision import low_float_types, snapshot, to_float32
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.errors import ModelLoadError
 from lowbit.fileio import input_file
@@ -93,9 +95,11 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = True) -> FloatModel:
     """Normalised float model: constants as initializers, opset >= 13, shapes inferred,
-    BatchNorm folded; large weights split out as numpy arrays (see ``store``)."""
+    float32 (``given`` records a float16/bfloat16 model's own types), BatchNorm folded;
+    large weights split out as numpy arrays (see ``store``)."""
     fm = FloatModel.split(model)
     del model  # the caller's proto is not touched; our copy holds no large weights
+    as_given = snapshot(fm) if low_float_types(fm.proto) else None
     _name_unnamed_nodes(fm.proto)
     model = _constants_to_initializers(fm.proto)
     _bypass_constant_identities(model)
@@ -121,6 +125,8 @@ def normalise(model: onnx.ModelProto, *, name: str = "model", fold_bn: bool = Tr
     except Exception as exc:
         raise ModelLoadError(f"{name}: shape inference failed: {_first_line(exc)}") from None
     fm.proto = model
+    if as_given is not None:  # before folding: the folds compute and store float32
+        fm.given = to_float32(fm, as_given)
     check_finite_weights(fm, name=name)
     from lowbit.backends.onnx.fold import fold_batchnorm, fold_gemm_scalars
 

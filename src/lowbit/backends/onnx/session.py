@@ -102,8 +102,8 @@ def first_output_shape(model: Any) -> tuple[int | str | None, ...] | None:
 
 
 def run_batches(session: Any, data: Any, batch_size: int = 64) -> list[np.ndarray]:
-    """Run ``data`` (a Dataset) through ``session`` batch by batch; outputs concatenated
-    (one row per sample, also where the model's fixed batch filled up the last one)."""
+    """Run ``data`` (a Dataset) through ``session`` run by run (rows in batches, or one
+    whole sample per run); each output's results joined (``Dataset.join_outputs``)."""
     parts: list[list[np.ndarray]] = []
     for feed in data.batches(batch_size):
         outs = session.run(None, feed)
@@ -111,8 +111,7 @@ def run_batches(session: Any, data: Any, batch_size: int = 64) -> list[np.ndarra
             parts = [[] for _ in outs]
         for k, o in enumerate(outs):
             parts[k].append(np.asarray(o))
-    n = data.num_samples
-    return [np.concatenate(p)[:n] if p[0].ndim else np.stack(p) for p in parts]
+    return data.join_outputs(parts)
 
 
 def optimized_graph(model: Any, *, threads: int = 1) -> tuple[Any, onnx.ModelProto]:

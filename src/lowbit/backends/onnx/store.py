@@ -67,10 +67,13 @@ def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 @dataclass
 class FloatModel:
-    """``proto``: the graph with large initializers as references; ``weights``: their data."""
+    """``proto``: the graph with large initializers as references; ``weights``: their data.
+    ``given``: set by ``normalise`` on a float16/bfloat16 model, which it turned into this
+    float32 working copy (``precision.py``)."""
 
     proto: onnx.ModelProto
     weights: dict[str, np.ndarray] = field(default_factory=dict)
+    given: GivenPrecision | None = None
 
     @classmethod
     def split(cls, model: onnx.ModelProto, min_bytes: int = SPLIT_MIN_BYTES) -> FloatModel:
@@ -108,6 +111,27 @@ class FloatModel:
     def joined(self) -> onnx.ModelProto:
         """A self-contained copy with every weight embedded (for saving or the checker)."""
         return embed_weights(self.proto, self.weights)
+
+
+@dataclass(frozen=True)
+class GivenPrecision:
+    """How a float16/bfloat16 model was given, when lowbit works on a float32 copy of it:
+    ``float_type`` ("float16", "bfloat16", "float16+bfloat16"), the ONNX element types
+    found, those of the graph inputs/outputs and initializers that were cast up (by name),
+    and the model as given (``original``)."""
+
+    float_type: str
+    types: frozenset[int]
+    inputs: dict[str, int]
+    outputs: dict[str, int]
+    weights: dict[str, int]
+    original: FloatModel
+
+    @property
+    def runs_as_given(self) -> bool:
+        """Whether ONNX Runtime (CPU, Python) can run the model as given: float16 yes (it
+        wraps ops in Casts), bfloat16 no (no kernels, and numpy has no bfloat16 to feed)."""
+        return onnx.TensorProto.BFLOAT16 not in self.types
 
 
 def embed_weights(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -68,7 +68,9 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
     y = torch.from_numpy(np.ascontiguousarray(train.labels))
     classify = y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
     loss_fn = torch.nn.CrossEntropyLoss() if classify else torch.nn.MSELoss()
-    _check_targets(module, xs, y, classify, train.source)
+    first = torch.arange(min(train.num_samples, train.fixed_batch or 1))
+    _check_targets(module, *_runs(train, xs, y, first)[0], y, train.whole, classify,
+                   train.source)
     rng = np.random.default_rng(spec.seed)
     n, step = train.num_samples, 0
     _apply_masks(module, masks)
@@ -81,12 +83,15 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
                 _update_masks(module, masks, spec.mask_update, spec.mask_layers, step)
             idx = order[start : start + spec.batch_size]
             opt.zero_grad(set_to_none=True)
-            out = module(*[x[idx] for x in xs])[0]
-            loss = loss_fn(out, y[idx].long() if classify else y[idx].float())
-            loss.backward()
+            runs = _runs(train, xs, y, idx)
+            for inputs, target in runs:  # gradients summed; the loss is their mean
+                out = module(*inputs)[0]
+                target = _target(out, target, train.whole)
+                loss = loss_fn(out, target.long() if classify else target.float())
+                (loss if len(runs) == 1 else loss / len(runs)).backward()
+                total += loss.item() * len(idx) / len(runs)
             opt.step()
             _apply_masks(module, masks)
-            total += loss.item() * len(idx)
             step += 1
         if progress is not None:
             progress(epoch + 1, spec.epochs, total / n)
@@ -100,19 +105,45 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
     return values
 
 
-def _check_targets(module: Any, xs: list[Any], y: Any, classify: bool, source: str) -> None:
-    """Labels the loss can use, checked on one sample before any training step."""
+def _runs(train: Dataset, xs: list[Any], y: Any, idx: Any) -> list[tuple[list[Any], Any]]:
+    """(inputs, labels) of each model run of one step over samples ``idx``, at the shape
+    the model declares (``lowbit.layouts``): all rows at once; runs of exactly the fixed
+    batch (the last filled up from the step's first samples); or one run per whole
+    sample, with its ``label_rows`` labels."""
+    import torch
+
+    if train.whole:
+        r = train.label_rows
+        return [([x[i] for x in xs], y[i * r : (i + 1) * r]) for i in idx.tolist()]
+    b = train.fixed_batch
+    if not b:
+        return [([x[idx] for x in xs], y[idx])]
+    full = idx[torch.arange(len(idx) + (-len(idx)) % b) % len(idx)]
+    return [([x[c] for x in xs], y[c]) for c in full.split(b)]
+
+
+def _target(out: Any, labels: Any, whole: bool) -> Any:
+    """A whole sample's labels as its output needs them: one row per output row, or the
+    sample's one label where the output has no rows (fewer than two axes)."""
+    return labels[0] if whole and out.ndim < 2 else labels
+
+
+def _check_targets(module: Any, inputs: list[Any], target: Any, y: Any, whole: bool,
+                   classify: bool, source: str) -> None:
+    """Labels the loss can use, checked on the first run (``target``: its labels; ``y``
+    all labels) before any training step."""
     import torch
 
     with torch.no_grad():
-        out = module(*[x[:1] for x in xs])[0]
+        out = module(*inputs)[0]
+    target = _target(out, target, whole)
     if classify:
-        if out.ndim != 2 or int(y.min()) < 0 or int(y.max()) >= out.shape[1]:
+        if out.ndim != target.ndim + 1 or int(y.min()) < 0 or int(y.max()) >= out.shape[-1]:
             raise DataError(f"{source}: labels 'y' run from {int(y.min())} to {int(y.max())} "
                             f"but the model's output {list(out.shape)} has no such classes")
-    elif tuple(y.shape[1:]) != tuple(out.shape[1:]):
-        raise DataError(f"{source}: labels 'y' have per-sample shape {list(y.shape[1:])} but "
-                        f"the model's output has {list(out.shape[1:])}")
+    elif tuple(target.shape[1:]) != tuple(out.shape[1:]) or target.ndim != out.ndim:
+        raise DataError(f"{source}: labels 'y' have per-sample shape {list(target.shape[1:])} "
+                        f"but the model's output has {list(out.shape[1:])}")
 
 
 def _gather(codebook: Any, idx: Any) -> Any:
