@@ -87,6 +87,9 @@ def quantize(
     search_time: float | None = typer.Option(None, "--search-time", help="INT8 auto: seconds "
                                              "for timing its candidate models whole (default: "
                                              "3 s or 30% of the run; 0: fixed rule only)."),
+    no_smoothquant: bool = typer.Option(False, "--no-smoothquant", help="INT8: never try "
+                                        "SmoothQuant (default: kept where it measures >= 1 dB "
+                                        "better and not slower, or to meet a target)."),
     batch: int | None = typer.Option(None, help="Batch size the model is timed (and chosen) "
                                      "at; default the model's fixed batch, else 8."),
     threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
@@ -109,7 +112,8 @@ def quantize(
     weight_only = {"--group-size": group_size, "--algorithm": algorithm,
                    "--accuracy-level": accuracy_level, "--asymmetric": asymmetric or None}
     int8 = {"--calibration": calibration, "--weights": weights, "--strict": strict or None,
-            "--min-cosine": min_cosine, "--max-drop": max_drop, "--search-time": search_time}
+            "--min-cosine": min_cosine, "--max-drop": max_drop, "--search-time": search_time,
+            "--no-smoothquant": no_smoothquant or None}
     config: StageConfig
     if mode.lower() not in ("auto", "static", "dynamic", "weight-only"):
         from lowbit.errors import ValidationError
@@ -141,7 +145,8 @@ def quantize(
                             calibration="auto" if calibration is None else calibration,
                             weight_granularity="auto" if weights is None else weights,
                             max_calibration_samples=max_samples, min_cosine=min_cosine,
-                            max_drop=max_drop, search_time=search_time)
+                            max_drop=max_drop, search_time=search_time,
+                            smoothquant=not no_smoothquant)
         label = "INT8"
     show = not quiet and not as_json
     with progress_bar(show) as update:

@@ -130,7 +130,7 @@ class Int8Config(StageConfig):
     # calibration samples) reaches min_cosine, or the accuracy drop is <= max_drop points
     min_cosine: float | None = None
     max_drop: float | None = None
-    smoothquant: bool = True  # with a quality target: SmoothQuant before layer fallback
+    smoothquant: bool = True  # tried by default, and before layer fallback for a target
     # 7-bit weights (no u8s8 saturation); None: on when this CPU has no VNNI
     reduce_range: bool | None = None
     strict: bool = False

@@ -35,7 +35,8 @@ def int8_stage(config: Int8Config, ctx: RunContext) -> dict[str, Any]:
     if config.has_quality_target:
         outcome = _meet_target(ctx, calib, config, outcome)
     elif config.smoothquant and config.search_time != 0 and \
-            outcome.plan.nodes_with(Treatment.DYNAMIC):
+            outcome.plan.nodes_with(Treatment.DYNAMIC) and not outcome.plan.observed:
+        # (a plan with static activations would be calibrated again for every alpha)
         outcome = _smooth_if_better(ctx, calib, config, outcome)
     ctx.plan, ctx.written = outcome.plan, outcome.model
     ctx.warnings.extend(_dynamic_nothing(outcome.warnings, outcome, config))

@@ -90,3 +90,31 @@ def test_no_matmul_means_nothing_to_smooth():
     sm, n = smooth(fm, Dataset({"x": np.ones((2, 3), np.float32)}))
     assert n == 0 and sm is fm
     assert isinstance(sm.proto, onnx.ModelProto)
+
+
+def test_default_dynamic_quantize_keeps_smoothquant_only_when_it_pays():
+    import lowbit
+
+    model, x = _outlier_matmul()
+    qm = lowbit.quantize(model, x, mode="dynamic", verify=False)
+    section = qm.report["smoothquant"]
+    assert set(section["sqnr_db_by_alpha"]) == {0.5, 0.7, 0.85}
+    best = max(section["sqnr_db_by_alpha"].values())
+    if section["kept"]:  # better by >= 1 dB and timed not slower than 0.95x
+        assert best >= section["sqnr_db_without"] + 1.0
+        assert section["speed_with_vs_without"] >= 0.95
+        assert any("SmoothMul" in n.name for n in qm.model.graph.node)
+    else:
+        assert not any("SmoothMul" in n.name for n in qm.model.graph.node)
+    # the outliers make per-tensor activation ranges lossy: smoothing must help here
+    assert best >= section["sqnr_db_without"] + 1.0
+
+
+def test_no_default_smoothquant_without_dynamic_matmuls_or_with_search_off():
+    import lowbit
+
+    model, x = _outlier_matmul()
+    assert "smoothquant" not in lowbit.quantize(model, x, mode="static", verify=False).report
+    for config in (Int8Config(mode="dynamic", smoothquant=False),
+                   Int8Config(mode="auto", search_time=0)):
+        assert "smoothquant" not in lowbit.quantize(model, x, config=config, verify=False).report
