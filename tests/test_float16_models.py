@@ -220,3 +220,13 @@ def test_float16_matmul_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFi
     assert sqnr_db(_run(model, x).astype(np.float64), _run(written, x).astype(np.float64)) >= 30.0
     report = json.loads(Path(f"{out}.report.json").read_text())
     assert report["precision"]["inputs"] == {"x": "float16"}
+
+
+def test_bfloat16_data_is_read_as_float32() -> None:
+    import torch
+
+    model = matmul_model(TensorProto.BFLOAT16)
+    x = np.random.default_rng(1).standard_normal((80, 64)).astype(np.float32)
+    for data in (x.astype(ml_dtypes.bfloat16), torch.from_numpy(x).to(torch.bfloat16)):
+        result = lowbit.quantize(model, data, config=_config("static"), verify=False)
+        assert sum(_ops(result.model)[op] for op in QUANTIZED_OPS) > 0

@@ -118,11 +118,16 @@ def run_batch(specs: list[InputSpec], batch: int | None, data: Dataset | None = 
 
 def _to_numpy(value: Any, what: str) -> np.ndarray:
     if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if getattr(value, "is_floating_point", lambda: False)() and value.element_size() == 2:
+            value = value.float()  # bfloat16 has no numpy type; float16 is exact in float32
+        value = value.numpy()
     try:
         arr = np.asarray(value)
     except Exception as exc:
         raise DataError(f"{what}: cannot be read as an array ({exc})") from None
+    if arr.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (kind 'V'): exact in float32
+        arr = arr.astype(np.float32)
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise DataError(f"{what}: expected numeric values, got dtype {arr.dtype}")
     return arr
