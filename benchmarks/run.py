@@ -232,7 +232,8 @@ BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": bench_demo, "B5": bench_b5,
            "W1": _module("weight_only", "bench_int4_decoder"),
            "W2": _module("weight_only", "bench_gptq_100m"),
            "W3": _module("encoder_int8", "bench_minilm"),
-           "Z": _module("zoo", "bench_zoo")}
+           "Z": _module("zoo", "bench_zoo"),
+           "L1": _module("large_input", "bench_large_input")}
 
 
 def render(rows: list[dict]) -> str:

@@ -137,12 +137,17 @@ def test_float16_conv_transpose_stays_float_and_the_report_says_why(mode: str) -
     assert not QUANTIZED_OPS & set(_ops(result.model))
     assert _check_written(model, result, _data((8, 12, 12), 16, 2)) >= 60.0
     why = {d["op_type"]: d for d in result.report["nodes"]["decisions"]}["ConvTranspose"]
-    assert why["treatment"] == "float" and "registry" in why["reason"]
+    assert why["treatment"] == "float" and "no integer ConvTranspose" in why["reason"]
     assert result.report["warnings"]  # "no operator was quantized" / "nothing ... dynamically"
     # its weights stay float16 on disk (behind a Cast ONNX Runtime folds)
     stored = {t.name: t.data_type for t in result.model.graph.initializer}
     assert stored.get("W_float16") == TensorProto.FLOAT16
-    assert result.model.ByteSize() < model.ByteSize() * 1.3
+    # weights, not the whole file: the decisions in its metadata are a third of a model this small
+    assert _weight_bytes(result.model) < _weight_bytes(model) * 1.3
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
 
 
 def _bf16_run(model: onnx.ModelProto, x: np.ndarray, outputs: int) -> np.ndarray:

@@ -48,6 +48,7 @@ from lowbit.data import Dataset, as_dataset, run_batch, split_holdout
 from lowbit.errors import ValidationError
 from lowbit.fileio import check_output_path, report_path, write_bytes_atomic, write_json_atomic
 from lowbit.model_io import external_data_files, resolve_model
+from lowbit.quant.plan import Treatment
 from lowbit.report.build import build_report, weight_section
 from lowbit.report.verify import check_model
 from lowbit.report.verify import verify as verify_model
@@ -218,9 +219,14 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
         if progress is not None:
             progress("verifying", 0, 1)
         structured = any(isinstance(c, StructuredPruneConfig) for c in stages)
+        # a run that quantized nothing and ran no weight stage wrote the model as it was
+        unchanged = ctx.plan is not None and not ctx.plan.nodes_with(
+            Treatment.STATIC, Treatment.DYNAMIC, Treatment.WEIGHT_ONLY) and all(
+            isinstance(c, QUANTIZE_CONFIGS) for c in stages)
         verification = _verify(ctx.original, working_output, output, holdout, given,
                                threads=threads, batch=batch, quantized=ctx.plan is not None,
-                               claims_speed=ctx.plan is not None or structured)
+                               claims_speed=ctx.plan is not None or structured,
+                               timed=not unchanged)
         if holdout is not None and not separate:
             verification["agreement"]["note"] = ("only one sample was given: verification "
                                                  "reuses the calibration data")

@@ -98,13 +98,17 @@ def test_quantized_layers_excludes_float_and_unweighted_ops() -> None:
     assert plan.quantized_layers(("MaxPool",)) == [("pool", "MaxPool")]
 
 
-def test_add_node_replaces_node_but_keeps_both_decisions() -> None:
+def test_add_node_replaces_node_and_its_decision() -> None:
+    """One decision per node: a later one replaces the earlier in place (an embedding
+    Gather used to get two, float from the INT8 planner and weight-only, counted twice)."""
     plan = QuantizationPlan()
     plan.add_node(NodeQuant("fc", "Gemm", Treatment.STATIC, weight="w"), "first")
+    plan.decide("pool", "MaxPool", Treatment.FLOAT, "pool")
     plan.add_node(NodeQuant("fc", "Gemm", Treatment.FLOAT, weight="w"), "fallback")
     assert plan.nodes["fc"].treatment is Treatment.FLOAT
     assert plan.quantized_layers() == []
-    assert [d.reason for d in plan.decisions] == ["first", "fallback"]
+    assert [d.reason for d in plan.decisions] == ["fallback", "pool"]
+    assert plan.counts() == {"float": 2}
 
 
 def test_observed_excludes_shared_tensors() -> None:

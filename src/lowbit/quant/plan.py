@@ -100,10 +100,27 @@ class QuantizationPlan:
     weight_values: dict[str, np.ndarray] = field(default_factory=dict)
     layer_error: dict[str, float] = field(default_factory=dict)  # relative weight error
     metadata: dict[str, Any] = field(default_factory=dict)  # written into the model
+    # decision index by node name (``decide``); not a field a copy passes on
+    _position: dict[str, int] = field(default_factory=dict, init=False, repr=False,
+                                      compare=False)
 
     def decide(self, name: str, op_type: str, treatment: Treatment, reason: str = "",
                bits: int | None = None) -> None:
-        self.decisions.append(NodeDecision(name, op_type, treatment, reason, bits))
+        """Record one node's decision; a later decision for the same node replaces the
+        earlier one in place (e.g. an embedding Gather the INT8 planner left float that
+        the weight-only planner then stores as 8-bit blocks): one decision per node."""
+        decision = NodeDecision(name, op_type, treatment, reason, bits)
+        k = self._position.get(name)
+        stale = len(self._position) != len(self.decisions) if k is None else \
+            k >= len(self.decisions) or self.decisions[k].name != name
+        if stale:  # the list changed behind the index (a copy, a rewrite): rebuild it
+            self._position = {d.name: i for i, d in enumerate(self.decisions)}
+            k = self._position.get(name)
+        if k is None:
+            self._position[name] = len(self.decisions)
+            self.decisions.append(decision)
+        else:
+            self.decisions[k] = decision
 
     def add_node(self, node: NodeQuant, reason: str, bits: int | None = None) -> None:
         self.nodes[node.name] = node

@@ -60,7 +60,10 @@ def build_report(*, tool: str, name: str, input_size: int | None,
     report.update(sections)
     if plan is not None:
         report["nodes"] = {"counts": plan.counts(), "decisions": plan.decision_dicts()}
-    report.update({"skipped": skipped, "notes": notes, "warnings": warnings})
+    # one list of warnings where users look: the run's, then the verification's flags
+    flagged = [f["message"] for f in (verification or {}).get("flags", [])]
+    report.update({"skipped": skipped, "notes": notes,
+                   "warnings": list(warnings) + [m for m in flagged if m not in warnings]})
     if verification is not None:
         report["verification"] = verification
     report["environment"] = {**cpu_info(), **versions()}

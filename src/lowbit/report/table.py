@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lowbit.report.speed import speedup_text
+
 
 def fmt_bytes(n: int | None) -> str:
     if n is None:
@@ -52,7 +54,7 @@ def render_report(report: dict[str, Any], console: Console, title: str,
     if lat:
         table.add_row(f"latency p50 (batch {lat['batch']}, {lat['threads']} thread)",
                       f"{lat['float']['p50_ms']:.3f} ms", f"{lat['compressed']['p50_ms']:.3f} ms")
-        table.add_row("speedup", "1.00x", f"{lat['speedup']:.2f}x")
+        table.add_row("speedup", "1.00x", speedup_text(lat["speedup"], say_slower=True))
     console.print(table)
     if "nodes" in report:
         cal = report.get("calibration", {})
@@ -67,7 +69,7 @@ def render_report(report: dict[str, Any], console: Console, title: str,
     search = report.get("candidates")
     if search:
         vs = "float" if "speedup" in search["candidates"][0] else "the first candidate"
-        rows = "; ".join(f"{r['name']} {r.get('speedup', r.get('speed_vs_first', 0)):.2f}x "
+        rows = "; ".join(f"{r['name']} {speedup_text(r.get('speedup', r.get('speed_vs_first', 0)))} "
                          f"{r['sqnr_db']:.1f} dB" + (" (kept)" if r["kept"] else "")
                          for r in search["candidates"])
         console.print(f"candidates timed whole (batch {search['batch']}, {search['threads']} "
@@ -76,10 +78,13 @@ def render_report(report: dict[str, Any], console: Console, title: str,
         console.print(f"skipped {name}: {why}")
     for note in report.get("notes", []):
         console.print(f"note: {note}")
+    flagged = set()
     for flag in ver.get("flags", []):
         console.print(f"[yellow]warning ({flag['kind']}):[/yellow] {flag['message']}")
+        flagged.add(flag["message"])
     for note in report.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {note}")
+        if note not in flagged:  # (the flags' messages are also in the warnings)
+            console.print(f"[yellow]warning:[/yellow] {note}")
 
 
 def render_bench(result: dict[str, Any], console: Console) -> None:
@@ -94,7 +99,7 @@ def render_bench(result: dict[str, Any], console: Console) -> None:
         lat = row["latency"]
         table.add_row(name, fmt_bytes(row["size_bytes"]), f"{lat['p50_ms']:.3f}",
                       f"{lat['p90_ms']:.3f}", f"{lat['throughput_per_s']:.0f}",
-                      f"{row['speedup_vs_first']:.2f}x", f"{row['size_ratio_vs_first']:.2f}x",
+                      speedup_text(row["speedup_vs_first"]), f"{row['size_ratio_vs_first']:.2f}x",
                       _pct(row.get("accuracy")))
     console.print(table)
 

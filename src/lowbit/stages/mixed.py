@@ -39,7 +39,9 @@ def mixed_plan(fm: FloatModel, precision: dict[str, Precision], calib: Dataset |
         raise ValidationError(f"plan: no MatMul/Gemm layer named {unknown[:3]}")
     int8 = {n for n in names if precision.get(n) is Precision.INT8}
     int4 = {n for n in names if precision.get(n) is Precision.INT4}
-    plan = build_int8_plan(fm, treatments={"Gemm": Treatment.DYNAMIC, "MatMul": Treatment.DYNAMIC},
+    # Attention (com.microsoft) would follow MatMul; a plan names MatMul/Gemm layers only
+    plan = build_int8_plan(fm, treatments={"Gemm": Treatment.DYNAMIC, "MatMul": Treatment.DYNAMIC,
+                                           "Attention": Treatment.FLOAT},
                            keep_float={n: "float in the mixed-precision plan" for n in names
                                        if n not in int8})
     fill_weights(plan, fm, "channel", reduce_range=lacks_vnni())

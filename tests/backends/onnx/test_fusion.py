@@ -61,7 +61,10 @@ def test_static_matmul_bias_relu_becomes_one_qgemm(rank, tmp_path):
     graph = _optimized(qm.model, tmp_path)
     ops = collections.Counter(n.op_type for n in graph.node)
     assert ops["QGemm"] >= 2, ops
-    assert ops["Add"] == 0 and ops["Relu"] == 0 and ops["MatMul"] == 0, ops
+    assert ops["Add"] == 0 and ops["MatMul"] == 0, ops
+    # the Relu before the (float) mean stays float after a float-output QGemm: folding it
+    # would quantize a tensor no 8-bit op reads (as fast, less accurate; docs/NOTES.md)
+    assert ops["Relu"] == (0 if rank == 2 else 1), ops
     qgemms = [n for n in graph.node if n.op_type == "QGemm"]
     assert all(len(n.input) > 6 and n.input[6] for n in qgemms), "bias not inside QGemm"
     # a Relu folded: the first QGemm writes 8-bit data (y_scale given) read by the next

@@ -32,6 +32,7 @@ MIN_SEARCH_SECONDS = 1.0  # the default time budget: this, or a share of the qua
 SEARCH_SHARE = 0.3
 FLOAT_TIMING_MAX_BYTES = 32 * 2**20
 OUT_OF_RACE = 1.25  # after the first round, candidates this much slower than the fastest stop
+MIN_ROUNDS = 3  # timed runs of each model at least, whatever the budget
 
 
 @dataclass(frozen=True)
@@ -93,21 +94,28 @@ def choose_variant(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
             progress("building candidates", k + 1, len(plans))
     feed = calib.feed(batch)
     start = time.perf_counter()
-    for session in sessions:
+    for session in sessions:  # (also the warm-up)
         session.run(None, feed)
-    once = max(time.perf_counter() - start, 1e-6)
-    left = max(budget_s - (time.perf_counter() - t0), 0.2 * budget_s)
+    once = max(time.perf_counter() - start, 1e-6)  # one run of every model
+    left = max(budget_s - (time.perf_counter() - t0), 0.0)
     # a short first round, then the rest of the time on the float model and the
-    # candidates that can still be kept (within OUT_OF_RACE of the fastest)
-    first = _timed(sessions, feed, batch, threads, int(min(10, max(3, 0.25 * left / once))))
+    # candidates that can still be kept (within OUT_OF_RACE of the fastest); rounds are
+    # bounded by the budget (at least MIN_ROUNDS: a 1-second model runs a few times)
+    rounds = int(min(10, max(MIN_ROUNDS, 0.25 * left / once)))
+    warmup = 1 if once < 0.05 * budget_s else 0  # (the run above warmed a slow model)
+    first = _timed(sessions, feed, batch, threads, rounds, warmup=warmup)
     speeds = [first[0] / p if p > 0 else 0.0 for p in first[1:]]
     alive = [0] + [k + 1 for k, v in enumerate(speeds) if v * OUT_OF_RACE >= max(speeds)]
-    iterations = int(min(100, max(5, 0.75 * left / (once * len(alive) / len(sessions)))))
-    second = _timed([sessions[k] for k in alive], feed, batch, threads, iterations)
-    for k, p50 in zip(alive[1:], second[1:]):
-        speeds[k - 1] = second[0] / p50 if p50 > 0 else 0.0
+    left = budget_s - (time.perf_counter() - t0)
+    iterations = rounds
+    more = int(min(100, left / (once * len(alive) / len(sessions))))
+    if more >= MIN_ROUNDS:
+        second = _timed([sessions[k] for k in alive], feed, batch, threads, more, warmup=warmup)
+        for k, p50 in zip(alive[1:], second[1:]):
+            speeds[k - 1] = second[0] / p50 if p50 > 0 else 0.0
+        iterations = more
     index = pick_fast_and_accurate(speeds, quality)
-    rows = [{"name": v.name, "speedup": round(speeds[k], 3), "sqnr_db": round(quality[k], 2),
+    rows = [{"name": v.name, "speedup": round(speeds[k], 4), "sqnr_db": round(quality[k], 2),
              "kept": k == index} for k, (v, _) in enumerate(plans)]
     chosen = models[index]
     del sessions, models
@@ -150,16 +158,17 @@ def _one_at_a_time(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
         del data
         quality.append(_quality(session, k, selection, reference, known))
         start = time.perf_counter()
-        session.run(None, feed)
+        session.run(None, feed)  # (also the warm-up)
         once = max(time.perf_counter() - start, 1e-6)
-        left = max(budget_s - (time.perf_counter() - t0), 0.2 * budget_s) / (len(plans) - k)
-        iterations = int(min(50, max(5, left / once)))
-        p50s.append(_timed([session], feed, batch, threads, iterations)[0])
+        left = max(budget_s - (time.perf_counter() - t0), 0.0) / (len(plans) - k)
+        iterations = int(min(50, max(MIN_ROUNDS, left / once)))
+        p50s.append(_timed([session], feed, batch, threads, iterations,
+                           warmup=1 if once < 0.05 * budget_s else 0)[0])
         del session
         release_memory()
     speeds = [p50s[0] / p if p > 0 else 0.0 for p in p50s]
     index = pick_fast_and_accurate(speeds, quality)
-    rows = [{"name": v.name, "speed_vs_first": round(speeds[k], 3),
+    rows = [{"name": v.name, "speed_vs_first": round(speeds[k], 4),
              "sqnr_db": round(quality[k], 2), "kept": k == index}
             for k, (v, _) in enumerate(plans)]
     chosen = write_model(fm, plans[index][1])
@@ -167,8 +176,8 @@ def _one_at_a_time(fm: FloatModel, plans: list[tuple[Variant, QuantizationPlan]]
 
 
 def _timed(sessions: list[Any], feed: dict[str, np.ndarray], batch: int, threads: int,
-           iterations: int) -> list[float]:
+           iterations: int, warmup: int = 1) -> list[float]:
     """p50 ms of each session, run alternating."""
     stats = measure_side_by_side(sessions, [feed] * len(sessions), batch=batch, threads=threads,
-                                 iterations=iterations, warmup=1)
+                                 iterations=iterations, warmup=warmup)
     return [s.p50_ms for s in stats]

@@ -1,14 +1,16 @@
-"""The INT8 writer: a ``QuantizationPlan`` -> QDQ (static) and dynamic MatMul/Gemm rewrites.
+"""The INT8 writer: a ``QuantizationPlan`` -> QDQ (static) and dynamic rewrites.
 
 It decides nothing: every scale and zero point comes from the plan. It emits
 standard ONNX (QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear,
 MatMulInteger) that ONNX Runtime fuses into its integer kernels (QLinearConv,
-QGemm, DynamicQuantizeMatMul, ...).
+QGemm, DynamicQuantizeMatMul, ...), and writes 8-bit data straight into the few ops
+it would not fuse (Pad, com.microsoft QAttention; ``qdq_dynamic``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ from onnx import helper
 
 from lowbit.backends.onnx.graph import GraphIndex, attr
 from lowbit.backends.onnx.graph_writer import GraphWriter
+from lowbit.backends.onnx.qdq_dynamic import write_dynamic, write_qattention
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.quant import affine
 from lowbit.quant.plan import NodeQuant, QuantizationPlan, Treatment
@@ -49,21 +52,28 @@ def _params_inputs(w: GraphWriter, base: str, params: TensorQuantParams) -> tupl
 
 
 def _qdq_activation(w: GraphWriter, tensor: str, params: TensorQuantParams,
-                    is_graph_input: bool) -> None:
-    """Insert Q -> DQ on an activation. Consumers keep reading ``tensor`` unless it is a
-    graph input (then they are rewired to the DQ output)."""
+                    is_graph_input: bool, *, source: str | None = None,
+                    dequantize: bool = True) -> tuple[str, str, str]:
+    """Insert Q -> DQ on an activation; return (8-bit tensor, scale, zero point). Consumers
+    keep reading ``tensor`` unless it is a graph input (then they are rewired to the DQ
+    output). ``source``: the Q reads this tensor instead (a Relu/Clip that becomes the Q's
+    saturation, already removed). ``dequantize`` False: only 8-bit readers are left."""
     scale, zp = _params_inputs(w, tensor, params)
     q_out = w.names(f"{tensor}_quantized")
     if is_graph_input:
         source, dq_out = tensor, w.names(f"{tensor}_dequantized")
         w.rename_input(tensor, dq_out)
+    elif source is not None:
+        dq_out = tensor
     else:
         source, dq_out = w.names(f"{tensor}_prequant"), tensor
         w.rename_output(tensor, source)
     w.add(helper.make_node("QuantizeLinear", [source, scale, zp], [q_out],
                            name=w.names(f"{tensor}_QuantizeLinear")))
-    w.add(helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
-                           name=w.names(f"{tensor}_DequantizeLinear")))
+    if dequantize:
+        w.add(helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
+                               name=w.names(f"{tensor}_DequantizeLinear")))
+    return q_out, scale, zp
 
 
 def write_int8(fm: FloatModel, plan: QuantizationPlan, writer: GraphWriter) -> None:
@@ -71,22 +81,82 @@ def write_int8(fm: FloatModel, plan: QuantizationPlan, writer: GraphWriter) -> N
     to ``writer``'s copy of ``fm``."""
     index = GraphIndex(fm.proto, fm.weights)
     by_name = writer.by_name
+    absorbed: dict[str, str] = {}  # Relu/Clip output -> its input, read by the output's Q
     for fold in plan.folds:  # the producer writes the activation's output; the activation goes
-        by_name[fold.producer].output[0] = fold.output
-        writer.remove(by_name[fold.activation])
+        act = by_name[fold.activation]
+        if fold.producer == fold.activation:  # nothing before it to fold into
+            absorbed[fold.output] = act.input[0]
+        else:
+            by_name[fold.producer].output[0] = fold.output
+        writer.remove(act)
+    attention = []  # static QAttention: written once its input's QuantizeLinear is there
     for item in plan.nodes_with(Treatment.STATIC):
         node = by_name[item.name]
-        if item.weight is None:
+        if item.op_type == "Attention":
+            attention.append((node, item, node.input[0]))
+        elif item.weight is None:
             _constant_operands(writer, node, plan, index)
         else:
             _static_weights(writer, node, item, plan, index)
     for item in plan.nodes_with(Treatment.DYNAMIC):
-        write = _dynamic_lstm if item.recurrence is not None else _dynamic_matmul
-        write(writer, by_name[item.name], item, plan, index)
-    inputs = set(index.graph_inputs)
-    for tensor in plan.activations:
-        _qdq_activation(writer, tensor, plan.activation_params(tensor), tensor in inputs)
+        write_dynamic(writer, by_name[item.name], item, plan, index)
+    pads = {by_name[d.name].output[0]: (by_name[d.name], by_name[d.name].input[0])
+            for d in plan.decisions if d.op_type == "Pad" and d.treatment is Treatment.PASSTHROUGH}
+    direct = [n for n, _, _ in attention] + [n for n, _ in pads.values()]
+    eight_bit = _write_activations(writer, plan, index, absorbed, pads, direct)
+    for node, item, x in attention:
+        write_qattention(writer, node, item, plan, index, eight_bit[x])
     _shapes_from_8bit(writer)
+
+
+def _write_activations(w: GraphWriter, plan: QuantizationPlan, index: GraphIndex,
+                       absorbed: dict[str, str],
+                       pads: dict[str, tuple[onnx.NodeProto, str]],
+                       direct: list[onnx.NodeProto]) -> dict[str, tuple[str, str, str]]:
+    """Q -> DQ on every planned activation ({tensor: (8-bit tensor, scale, zero point)}).
+    ``direct`` nodes read 8-bit tensors themselves (Pad, QAttention): a tensor only they
+    read gets no DequantizeLinear. A Pad that runs on 8-bit data pads with the zero point
+    (0.0 exactly) and needs no QuantizeLinear after it: ONNX Runtime 1.32 keeps a QDQ Pad
+    in float."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in w.nodes():
+        for x in node.input:
+            readers[x].append(node)
+    direct_ids = {id(n) for n in direct}
+    needs_float = set(index.graph_outputs) | set(absorbed.values())
+    inputs = set(index.graph_inputs)
+    eight_bit: dict[str, tuple[str, str, str]] = {}
+    for tensor in plan.activations:
+        dequantize = tensor in needs_float or \
+            any(id(n) not in direct_ids for n in readers.get(tensor, []))
+        if tensor in pads:
+            pad, x = pads[tensor]
+            eight_bit[tensor] = _pad_8bit(w, pad, eight_bit[x], tensor, dequantize)
+        else:
+            eight_bit[tensor] = _qdq_activation(w, tensor, plan.activation_params(tensor),
+                                                tensor in inputs, source=absorbed.get(tensor),
+                                                dequantize=dequantize)
+    return eight_bit
+
+
+def _pad_8bit(w: GraphWriter, pad: onnx.NodeProto, source: tuple[str, str, str], tensor: str,
+              dequantize: bool) -> tuple[str, str, str]:
+    """``pad`` reads the 8-bit ``source`` and writes 8-bit data at its scale (the plan
+    shares it), padding with the zero point; a DQ after it if float readers remain."""
+    x_q, scale, zp = source
+    out = w.names(f"{tensor}_quantized")
+    inputs = list(pad.input)
+    inputs[0] = x_q
+    if len(inputs) > 2 or attr(pad, "mode", b"constant") in (b"constant", "constant"):
+        inputs += [""] * (3 - len(inputs))
+        inputs[2] = zp  # constant_value has the data's type; 0.0 is the zero point
+    del pad.input[:]
+    pad.input.extend(inputs)
+    pad.output[0] = out
+    if dequantize:
+        w.add(helper.make_node("DequantizeLinear", [out, scale, zp], [tensor],
+                               name=w.names(f"{tensor}_DequantizeLinear")))
+    return out, scale, zp
 
 
 def _shapes_from_8bit(w: GraphWriter) -> None:
@@ -161,64 +231,3 @@ def _constant_operands(w: GraphWriter, node: onnx.NodeProto, plan: QuantizationP
     for k, x in enumerate(node.input):
         if x and x in index.initializers and x in plan.tensors:
             node.input[k] = _dequantized_constant(w, x, plan.values_of(x, index.constant), plan.tensors[x])
-
-
-def _dynamic_matmul(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
-                    plan: QuantizationPlan, index: GraphIndex) -> None:
-    """MatMul/Gemm -> DynamicQuantizeLinear + MatMulInteger + scale (+ bias)."""
-    base = str(item.weight)
-    weight = plan.values_of(base, index.constant)
-    params = plan.tensors[base]
-    bias = plan.values_of(item.bias, index.constant) if item.bias else None
-    q = affine.quantize(weight, params, dtype=np.int8)
-    if node.op_type == "Gemm" and attr(node, "transB", 0):
-        q = np.ascontiguousarray(q.T)  # stored (N, K); MatMulInteger wants (K, N)
-    w_q = w.const(f"{base}_quantized", q)
-    w_scale = w.const(f"{base}_scale", np.asarray(params.scale, np.float32))
-    prefix = w.names(f"{node.name or node.op_type}_dyn")
-    x_q, x_s, x_zp = (w.names(f"{prefix}_x_quantized"), w.names(f"{prefix}_x_scale"),
-                      w.names(f"{prefix}_x_zero_point"))
-    acc, acc_f, scale = (w.names(f"{prefix}_int32"), w.names(f"{prefix}_float"),
-                         w.names(f"{prefix}_scale"))
-    out = node.output[0]
-    scaled = out if bias is None else w.names(f"{prefix}_scaled")
-    new = [
-        helper.make_node("DynamicQuantizeLinear", [node.input[0]], [x_q, x_s, x_zp],
-                         name=w.names(f"{prefix}_DQL")),
-        helper.make_node("MatMulInteger", [x_q, w_q, x_zp], [acc],
-                         name=w.names(f"{prefix}_MatMulInteger")),
-        helper.make_node("Cast", [acc], [acc_f], to=onnx.TensorProto.FLOAT,
-                         name=w.names(f"{prefix}_Cast")),
-        helper.make_node("Mul", [x_s, w_scale], [scale], name=w.names(f"{prefix}_ScaleMul")),
-        helper.make_node("Mul", [acc_f, scale], [scaled], name=w.names(f"{prefix}_Mul")),
-    ]
-    if bias is not None:
-        b = w.const(f"{base}_bias", bias.astype(np.float32))
-        new.append(helper.make_node("Add", [scaled, b], [out], name=w.names(f"{prefix}_BiasAdd")))
-    w.remove(node)
-    for n in new:
-        w.add(n)
-
-
-def _dynamic_lstm(w: GraphWriter, node: onnx.NodeProto, item: NodeQuant,
-                  plan: QuantizationPlan, index: GraphIndex) -> None:
-    """LSTM -> com.microsoft DynamicQuantizeLSTM: W [dirs, 4h, in] and R [dirs, 4h, h] as
-    INT8, transposed to [dirs, in, 4h] / [dirs, h, 4h], one scale per (direction, gate
-    channel); the plan's parameters are per row of the [dirs * 4h, in] view."""
-    extra = []
-    for tensor in (str(item.weight), str(item.recurrence)):
-        values = plan.values_of(tensor, index.constant)
-        params = plan.tensors[tensor]
-        q = affine.quantize(values.reshape(-1, values.shape[-1]), params, dtype=np.int8)
-        q = np.ascontiguousarray(q.reshape(values.shape).transpose(0, 2, 1))
-        scale = np.asarray(params.scale, np.float32).reshape(values.shape[0], -1)
-        extra.append((w.const(f"{tensor}_quantized", q), w.const(f"{tensor}_scale", scale),
-                      w.const(f"{tensor}_zero_point", np.zeros(scale.shape, np.int8))))
-    optional = [node.input[k] if len(node.input) > k else "" for k in range(3, 8)]
-    (w_q, w_s, w_zp), (r_q, r_s, r_zp) = extra
-    new = helper.make_node("DynamicQuantizeLSTM", [node.input[0], w_q, r_q, *optional, w_s, w_zp,
-                                                   r_s, r_zp], list(node.output),
-                           name=w.names(f"{node.name or 'LSTM'}_int8"), domain="com.microsoft")
-    new.attribute.extend(a for a in node.attribute if a.name != "layout")
-    w.remove(node)
-    w.add(new)

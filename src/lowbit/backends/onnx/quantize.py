@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lowbit.backends.onnx.calibrate import calibrate
+from lowbit.backends.onnx.calibrate import calibrate, run_calibration
 from lowbit.backends.onnx.candidates import (
+    FLOAT_TIMING_MAX_BYTES,
     MIN_SEARCH_SECONDS,
     SEARCH_SHARE,
     Variant,
@@ -48,7 +49,12 @@ from lowbit.runtime.memory import release_memory
 
 CONCRETE_METHODS = (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE,
                     CalibrationMethod.MSE, CalibrationMethod.ENTROPY)
-SELECTION_SAMPLES = 64
+SELECTION_SAMPLES = 64  # calibration samples that score methods and candidates, at most
+# ... and at most this many bytes of observed activations run through per model scored
+# (at least MIN_SELECTION_SAMPLES): a DBNet-style detector on 1x3x736x1216 (155 MB a
+# sample) scores on 13 samples, not 64 (each method and candidate runs them all)
+SELECTION_BYTES = 2 * 2**30
+MIN_SELECTION_SAMPLES = 4
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -63,6 +69,17 @@ class Int8Outcome:
     warnings: list[str] = field(default_factory=list)
     variant: Variant | None = None  # what the plan was built with (a rebuild reuses it)
     search: dict[str, Any] = field(default_factory=dict)  # the candidates timed, if any
+    # how calibration ran: batch, activation bytes per sample, passes, selection samples
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+def selection_size(samples: int, bytes_per_sample: float | None) -> int:
+    """How many calibration samples score the calibration methods and the candidates:
+    ``SELECTION_SAMPLES``, fewer where their activations pass ``SELECTION_BYTES``."""
+    cap = SELECTION_SAMPLES
+    if bytes_per_sample:
+        cap = min(cap, max(MIN_SELECTION_SAMPLES, int(SELECTION_BYTES // bytes_per_sample)))
+    return max(1, min(samples, cap))
 
 
 def weighted_treatments(mode: QuantMode) -> dict[str, Treatment | str]:
@@ -198,9 +215,15 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
         if progress is not None:
             progress("calibrating", done[0], total)
 
+    # auto's other variants are planned before calibrating: one pass observes them all
+    others: list[tuple[Variant, QuantizationPlan]] = []
+    if variant is None and config.mode is QuantMode.AUTO and config.search_time != 0:
+        others = [(alt, make_plan(alt)) for alt in alternatives()]
+    observed = list(dict.fromkeys(plan.observed + [t for _, p in others for t in p.observed]))
     t1 = time.perf_counter()
-    observers = calibrate(fm, calib, plan.observed, batch_size=config.batch_size,
-                          threads=threads, progress=step) if plan.observed else {}
+    run = run_calibration(fm, calib, observed, batch_size=config.batch_size, threads=threads,
+                          progress=step) if observed else None
+    observers = run.observers if run is not None else {}
     release_memory()
     seconds["calibrate"] = time.perf_counter() - t1
     nonfinite = sorted(t for t, o in observers.items() if o.nonfinite)
@@ -209,25 +232,27 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
                         f"{', '.join(nonfinite[:5])} on the calibration data")
     plans = [(first, plan)]
     if variant is None and config.mode is QuantMode.AUTO:
+        t_probe = time.perf_counter()
         slow = slow_int8_convs(fm, [n.name for n in plan.nodes_with(Treatment.STATIC)
                                     if n.op_type == "Conv"], observers, threads)
+        seconds["speed_probe"] = time.perf_counter() - t_probe
         if slow:
             first = Variant("auto", first.treatments, slow)
             plans = [(first, make_plan(first))]
-        if config.search_time != 0:
-            seen = {signature(plans[0][1])}
-            for alt in alternatives():
-                alt_plan = make_plan(alt)
-                if signature(alt_plan) not in seen and alt_plan.nodes_with(Treatment.STATIC,
-                                                                           Treatment.DYNAMIC):
-                    seen.add(signature(alt_plan))
-                    plans.append((alt, alt_plan))
+        seen = {signature(plans[0][1])}
+        for alt, alt_plan in others:
+            if signature(alt_plan) not in seen and alt_plan.nodes_with(Treatment.STATIC,
+                                                                       Treatment.DYNAMIC):
+                seen.add(signature(alt_plan))
+                plans.append((alt, alt_plan))
         missing = sorted({t for _, p in plans for t in p.observed} - set(observers))
         if missing:
             observers.update(calibrate(fm, calib, missing, batch_size=config.batch_size,
                                        threads=threads))
+    del others
     t2 = time.perf_counter()
-    selection = calib.take(0, min(calib.num_samples, SELECTION_SAMPLES))
+    selection = calib.take(0, selection_size(
+        calib.num_samples, run.bytes_per_sample if run is not None else None))
     # float outputs on a few samples: scores calibration methods and candidates alike
     reference = _outputs(make_session(fm, threads=threads, lean=True), selection,
                          config.batch_size) if len(plans) > 1 or (
@@ -240,7 +265,7 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
         if not p.observed:
             filled.append((v, p))
         elif k == 0:
-            chosen, scores, best = _choose_method(fm, p, observers, calib, config, threads,
+            chosen, scores, best = _choose_method(fm, p, observers, selection, config, threads,
                                                   progress, reference)
             filled.append((v, best))
         else:
@@ -266,15 +291,21 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
                   "seconds": found.seconds, "iterations": found.iterations,
                   "candidates": found.rows}
     v, best = filled[index]
+    info: dict[str, Any] = {}
+    if run is not None:
+        info = {"batch": run.batch, "passes": run.passes,
+                "activation_mb_per_sample": round(run.bytes_per_sample / 2**20, 3),
+                "selection_samples": selection.num_samples}
     return Int8Outcome(best, model if model is not None else write_model(fm, best), chosen,
-                       scores, total if best.observed else 0, seconds, warnings, v, search)
+                       scores, total if best.observed else 0, seconds, warnings, v, search, info)
 
 
 def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, HistogramObserver],
-                   calib: Dataset, config: Int8Config, threads: int, progress: ProgressFn | None,
-                   reference: list[np.ndarray] | None = None
+                   selection: Dataset, config: Int8Config, threads: int,
+                   progress: ProgressFn | None, reference: list[np.ndarray] | None = None
                    ) -> tuple[CalibrationMethod, dict[str, float], QuantizationPlan]:
-    """The calibration method whose plan gives the best output SQNR on a few samples.
+    """The calibration method whose plan gives the best output SQNR on ``selection`` (a
+    few calibration samples; ``reference``: the float model's outputs on them).
 
     Each candidate is written, run and dropped (one candidate in memory at a time)."""
     methods = list(CONCRETE_METHODS) if config.calibration is CalibrationMethod.AUTO \
@@ -286,22 +317,25 @@ def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, 
 
     if len(methods) == 1:
         return methods[0], {}, plan_for(methods[0])
-    selection = calib.take(0, min(calib.num_samples, SELECTION_SAMPLES))
     if reference is None:
         reference = _outputs(make_session(fm, threads=threads, lean=True), selection,
                              config.batch_size)
         release_memory()
     scores: dict[str, float] = {}
     candidates: list[tuple[float, CalibrationMethod, QuantizationPlan]] = []
+    # without pre-packing a big model's candidates need no second copy of their weights;
+    # a small one's run 1.5x faster with it (QLinearConv of a DBNet-style detector)
+    lean = sum(w.nbytes for w in fm.weights.values()) > FLOAT_TIMING_MAX_BYTES
     for k, method in enumerate(methods):
         candidate = plan_for(method)
         serialized = write_model(fm, candidate).SerializeToString()
-        session = make_session(serialized, threads=threads, name="quantized candidate", lean=True)
+        session = make_session(serialized, threads=threads, name="quantized candidate", lean=lean)
         del serialized
         outs = _outputs(session, selection, config.batch_size)
         del session
         release_memory()
         score = float(np.mean([sqnr_db(r, o) for r, o in zip(reference, outs)]))
+        del outs
         scores[method.value] = round(score, 3)
         candidates.append((score, method, candidate))
         if progress is not None:
@@ -311,4 +345,5 @@ def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, 
 
 
 def _outputs(session: Any, data: Dataset, batch_size: int) -> list[np.ndarray]:
-    return [o.astype(np.float64) for o in run_batches(session, data, batch_size)]
+    """The outputs as they come (float32: SQNR sums in float64 chunk by chunk)."""
+    return run_batches(session, data, batch_size)

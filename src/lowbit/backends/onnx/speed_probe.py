@@ -9,6 +9,9 @@ real input shape, and keeps it in float when INT8 is clearly slower.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -27,6 +30,7 @@ PROBE_MAX_REDUCTION = 64
 # INT8 must be this much slower than float before a Conv is kept in float,
 # so timing noise cannot flip a close decision.
 SLOWER_FACTOR = 1.25
+PROBE_SECONDS = 0.3  # timing one Conv both ways, about (at least 5 runs of each)
 
 
 def _single_conv(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
@@ -73,23 +77,35 @@ def _single_conv(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | No
 
 
 def conv_int8_slowdown(node: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None,
-                       in_shape: tuple[int, ...], *, threads: int = 1) -> tuple[float, float, float]:
-    """(int8 time / float time, float p50 ms, int8 p50 ms) for this Conv alone."""
+                       in_shape: tuple[int, ...], *, threads: int = 1,
+                       budget_s: float = PROBE_SECONDS) -> tuple[float, float, float]:
+    """(int8 time / float time, float p50 ms, int8 p50 ms) for this Conv alone, timed for
+    about ``budget_s`` seconds (5 to 30 runs of each; the Conv of a 1x3x736x1216 input
+    takes milliseconds, and 30 runs of each way would cost seconds per Conv)."""
     x = np.random.default_rng(0).standard_normal(in_shape).astype(np.float32)
     sessions = [make_session(_single_conv(node, weight, bias, in_shape, q), threads=threads)
                 for q in (False, True)]
+    start = time.perf_counter()
+    for session in sessions:  # (the first run of each also warms it up)
+        session.run(None, {"x": x})
+    once = max(time.perf_counter() - start, 1e-6)
+    iterations = int(min(30, max(5, budget_s / once)))
     stats = measure_side_by_side(sessions, [{"x": x}, {"x": x}], batch=in_shape[0],
-                                 threads=threads, iterations=30, warmup=3, min_time_s=0.05)
+                                 threads=threads, iterations=iterations,
+                                 warmup=3 if iterations == 30 else 1,
+                                 min_time_s=min(0.05, budget_s))
     return stats[1].p50_ms / stats[0].p50_ms, stats[0].p50_ms, stats[1].p50_ms
 
 
 def slow_int8_convs(fm: FloatModel, convs: list[str], observers: dict[str, HistogramObserver],
                     threads: int) -> dict[str, str]:
     """Of the named static Convs, those that measured clearly slower in INT8 than in float
-    at their real input shape, with the reason."""
+    at their real input shape, with the reason. Convs alike (weight shape, attributes,
+    input shape) are timed once (a MobileNet repeats its depthwise shapes)."""
     wanted = set(convs)
     index = GraphIndex(fm.proto, fm.weights)
     slow: dict[str, str] = {}
+    measured: dict[Any, tuple[float, float, float]] = {}
     for i, node in enumerate(fm.proto.graph.node):
         name = node_name(node, i)
         if name not in wanted:
@@ -101,8 +117,12 @@ def slow_int8_convs(fm: FloatModel, convs: list[str], observers: dict[str, Histo
         if int(np.prod(weight.shape[1:])) > PROBE_MAX_REDUCTION:  # (out, in/group, kh, kw)
             continue
         bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        ratio, t_float, t_int8 = conv_int8_slowdown(node, weight, bias, obs.batch_shape,
-                                                    threads=threads)
+        key = (weight.shape, bias is not None, obs.batch_shape,
+               tuple(sorted((k, repr(v)) for k, v in node_attrs(node).items())))
+        if key not in measured:
+            measured[key] = conv_int8_slowdown(node, weight, bias, obs.batch_shape,
+                                               threads=threads)
+        ratio, t_float, t_int8 = measured[key]
         if ratio > SLOWER_FACTOR:
             slow[name] = (f"auto: INT8 measured {ratio:.2f}x slower than float for this Conv "
                           f"on this CPU ({t_int8:.3f} vs {t_float:.3f} ms at input "

@@ -203,6 +203,8 @@ def plan_embeddings(fm: FloatModel, plan: QuantizationPlan, *, bits: int, group_
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
             continue
         name, table = node_name(node, i), node.input[0]
+        if name in plan.nodes:  # the INT8 planner stores this table as 8-bit already
+            continue
         if name in exclude:
             plan.decide(name, "Gather", Treatment.FLOAT, "excluded by option")
             continue

@@ -1,4 +1,5 @@
-"""The one place that decides whether a Conv/Gemm/MatMul has a usable constant weight.
+"""The one place that decides whether a Conv/Gemm/MatMul (or com.microsoft Attention) has a
+usable constant weight.
 
 Quantization planners, weight-only quantization, SmoothQuant, pruning,
 clustering, the fine-tuning bridge and the reports all ask ``weighted_nodes``;
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 import onnx
 
 from lowbit.backends.onnx.graph import GraphIndex, attr, node_name
-from lowbit.backends.onnx.registry import rule_for
+from lowbit.backends.onnx.registry import MS_DOMAIN, rule_for
 from lowbit.backends.onnx.store import FloatModel
 
 FLOAT = onnx.TensorProto.FLOAT
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+# com.microsoft Attention: input (B, S, H) x weight (H, 3H), the Q/K/V projections in one
+CONTRIB_WEIGHTED_OPS = ("Attention",)
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class WeightedNode:
     node: onnx.NodeProto
     weight: str  # initializer name
     bias: str | None  # constant bias initializer, if any
-    out_axis: int  # the weight's output-channel axis: Conv 0, MatMul 1, Gemm 0/1 by transB
+    out_axis: int  # the weight's output-channel axis: Conv 0, MatMul/Attention 1, Gemm 0/1
     in_axis: int  # the reduction (input-feature) axis of a 2-D weight; Conv: 1
 
     @property
@@ -51,8 +54,8 @@ def weight_problem(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     if index.initializers[w].data_type != FLOAT:
         return f"weight '{w}' is not float32"
     dims = list(index.initializers[w].dims)
-    if node.op_type in ("MatMul", "Gemm") and len(dims) != 2:
-        return f"weight '{w}' is {len(dims)}-D (only 2-D MatMul/Gemm weights)"
+    if node.op_type in ("MatMul", "Gemm", "Attention") and len(dims) != 2:
+        return f"weight '{w}' is {len(dims)}-D (only 2-D {node.op_type} weights)"
     if node.op_type == "Gemm" and attr(node, "transA", 0):
         return "Gemm with transA=1 (not supported)"
     b = _bias_name(node)
@@ -69,10 +72,17 @@ def _bias_name(node: onnx.NodeProto) -> str | None:
     return node.input[k] if k is not None and len(node.input) > k and node.input[k] else None
 
 
+def is_weighted_op(node: onnx.NodeProto) -> bool:
+    """Whether ``node``'s op type is one that has a weight (Conv, Gemm, MatMul, Attention)."""
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type in WEIGHTED_OPS
+    return node.domain == MS_DOMAIN and node.op_type in CONTRIB_WEIGHTED_OPS
+
+
 def weighted_node(node: onnx.NodeProto, position: int, index: GraphIndex) -> WeightedNode | str:
     """The ``WeightedNode`` for ``node``, or the reason it has no usable constant weight."""
-    if node.op_type not in WEIGHTED_OPS or node.domain not in ("", "ai.onnx"):
-        return f"{node.op_type} is not a weighted layer (Conv, Gemm, MatMul)"
+    if not is_weighted_op(node):
+        return f"{node.op_type} is not a weighted layer (Conv, Gemm, MatMul, Attention)"
     problem = weight_problem(node, index)
     if problem is not None:
         return problem
@@ -87,13 +97,13 @@ def weighted_node(node: onnx.NodeProto, position: int, index: GraphIndex) -> Wei
 
 
 def weighted_nodes(fm: FloatModel) -> tuple[list[WeightedNode], dict[str, str]]:
-    """(every Conv/Gemm/MatMul with a usable constant weight, {node name: why not} for
-    the other Conv/Gemm/MatMul nodes), in graph order."""
+    """(every Conv/Gemm/MatMul/Attention with a usable constant weight, {node name: why
+    not} for the other such nodes), in graph order."""
     index = GraphIndex(fm.proto, fm.weights)
     found: list[WeightedNode] = []
     refused: dict[str, str] = {}
     for i, node in enumerate(fm.proto.graph.node):
-        if node.op_type not in WEIGHTED_OPS:
+        if not is_weighted_op(node):
             continue
         item = weighted_node(node, i, index)
         if isinstance(item, str):
