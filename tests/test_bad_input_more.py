@@ -297,12 +297,13 @@ def test_eval_data_equal_to_calibration_data_warns(work, capsys):
 
 
 def _wait_until_working(proc: subprocess.Popen, limit_s: float = 60.0) -> None:
-    """Until the child has loaded ONNX Runtime (after lowbit's CLI set its SIGTERM handler,
-    so a busy machine cannot make the signal arrive first), then one more second."""
+    """Until the child has loaded ONNX Runtime or torch (after lowbit's CLI set its SIGTERM
+    handler, so a busy machine cannot make the signal arrive first), then one more second."""
     maps = Path(f"/proc/{proc.pid}/maps")
     start = time.monotonic()
     while time.monotonic() - start < limit_s and proc.poll() is None:
-        if not maps.exists() or "onnxruntime" in maps.read_text(errors="ignore"):
+        loaded = maps.read_text(errors="ignore") if maps.exists() else ""
+        if not maps.exists() or "onnxruntime" in loaded or "libtorch" in loaded:
             break
         time.sleep(0.2)
     time.sleep(1.0)
