@@ -63,11 +63,17 @@ def meet_quality_target(build: Callable[[tuple[str, ...]], T], first: T,
 
 
 def pick_fast_and_accurate(speeds: list[float], qualities: list[float], *,
-                           tolerance: float = 0.05, min_gain: float = 3.0) -> int:
+                           tolerance: float = 0.05, min_gain: float = 3.0,
+                           max_loss: float = 6.0, good_enough: float = 30.0) -> int:
     """Index of the candidate to keep: the fastest, unless one at most ``tolerance``
     slower is at least ``min_gain`` better in quality (e.g. dB of output SQNR): then the
-    best-quality one of those. Ties go to the earlier candidate."""
-    fastest = max(range(len(speeds)), key=lambda i: (speeds[i], -i))
-    close = [i for i in range(len(speeds)) if speeds[i] >= (1.0 - tolerance) * speeds[fastest]]
+    best-quality one of those. Only candidates within ``max_loss`` of the most accurate,
+    or at least ``good_enough``, compete: speed never buys a model 4x noisier than
+    another candidate when neither is accurate enough for the noise not to matter.
+    Ties go to the earlier candidate."""
+    floor = min(max(qualities) - max_loss, good_enough)
+    eligible = [i for i in range(len(speeds)) if qualities[i] >= floor]
+    fastest = max(eligible, key=lambda i: (speeds[i], -i))
+    close = [i for i in eligible if speeds[i] >= (1.0 - tolerance) * speeds[fastest]]
     best = max(close, key=lambda i: (qualities[i], -i))
     return best if qualities[best] >= qualities[fastest] + min_gain else fastest

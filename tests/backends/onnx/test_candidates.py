@@ -24,6 +24,8 @@ from lowbit.quant.search import pick_fast_and_accurate
     ([1.0, 1.5, 1.4], [40.0, 30.0, 45.0], 1),   # 7% slower: speed wins
     ([1.0, 1.5, 1.45], [40.0, 30.0, 32.0], 1),  # +2 dB is not worth 3% of speed
     ([1.2, 1.2], [40.0, 40.0], 0),              # ties go to the earlier candidate
+    ([1.0, 1.1], [18.2, 6.4], 0),               # 12 dB noisier and below 30 dB: never
+    ([1.0, 1.3], [45.0, 31.0], 1),              # 14 dB worse but >= 30 dB: speed wins
 ])
 def test_pick_rule(speeds, quality, kept):
     assert pick_fast_and_accurate(speeds, quality) == kept
