@@ -20,10 +20,12 @@ from lowbit.metrics import accuracy
 from lowbit.quant.plan import Treatment
 from lowbit.quant.search import SearchResult, meet_quality_target
 from lowbit.runtime.environment import cpu_info
+from lowbit.runtime.memory import release_memory
 from lowbit.stages.base import RunContext, register
 
 SMOOTHQUANT_ALPHAS = (0.5, 0.7, 0.85)
 SMOOTHQUANT_MIN_GAIN_DB = 1.0  # default SmoothQuant (no quality target) must buy this much
+SMOOTHQUANT_GOOD_ENOUGH_DB = 30.0  # ... and is not tried on a model already this accurate
 
 
 @register(Int8Config)
@@ -78,37 +80,43 @@ def _dynamic_nothing(warnings: list[str], outcome: Int8Outcome, config: Int8Conf
 
 def _smooth_if_better(ctx: RunContext, calib: Dataset, config: Int8Config,
                       first: Int8Outcome) -> Int8Outcome:
-    """Without a quality target: the chosen variant is rebuilt on SmoothQuant copies (each
+    """Without a quality target, where the output SQNR on calibration samples is below
+    ``SMOOTHQUANT_GOOD_ENOUGH_DB``: the chosen variant is rebuilt on SmoothQuant copies (each
     alpha of ``SMOOTHQUANT_ALPHAS``); the most accurate is kept when its output SQNR is at
     least ``SMOOTHQUANT_MIN_GAIN_DB`` better and, timed beside the unsmoothed model, it
     is at most 5% slower (the inserted Muls cost time)."""
     from lowbit.backends.onnx.candidates import relative_speeds
     from lowbit.backends.onnx.smoothquant import smooth, smoothing_statistics
 
-    stats = smoothing_statistics(ctx.fm, calib, threads=ctx.threads)
-    if not stats:
-        return first
+    kept = [r.get("sqnr_db") for r in first.search.get("candidates", []) if r.get("kept")]
+    if kept and kept[0] is not None and kept[0] >= SMOOTHQUANT_GOOD_ENOUGH_DB:
+        return first  # (the candidate search measured it already)
     selection = calib.take(0, 64)
     reference = reference_outputs(ctx.fm, selection, threads=ctx.threads)
     base_db = sqnr_of(first.model, selection, reference)
+    if base_db >= SMOOTHQUANT_GOOD_ENOUGH_DB:  # nothing worth its time and memory to gain
+        return first
+    stats = smoothing_statistics(ctx.fm, calib, threads=ctx.threads)
+    if not stats:
+        return first
     tried: dict[float, float] = {}
-    best: tuple[float, float, Any, Int8Outcome] | None = None
-    for alpha in SMOOTHQUANT_ALPHAS:
+    n_inputs = 0
+    for alpha in SMOOTHQUANT_ALPHAS:  # one smoothed copy alive at a time (memory)
         smoothed, n_inputs = smooth(ctx.fm, calib, alpha=alpha, statistics=stats)
         candidate = quantize_int8(smoothed, calib, config, threads=ctx.threads,
                                   variant=first.variant)
         tried[alpha] = round(sqnr_of(candidate.model, selection, reference), 2)
-        if best is None or tried[alpha] > best[1]:
-            best = (alpha, tried[alpha], smoothed, candidate)
-        del candidate
-    if best is None:
-        return first
-    alpha, db, smoothed, candidate = best
+        del smoothed, candidate
+        release_memory()
+    alpha = max(tried, key=lambda a: tried[a])
+    db = tried[alpha]
     section: dict[str, Any] = {"inputs": n_inputs, "sqnr_db_without": round(base_db, 2),
                                "sqnr_db_by_alpha": tried, "alpha": None, "kept": False}
     ctx.sections["smoothquant"] = section
     if db < base_db + SMOOTHQUANT_MIN_GAIN_DB:
         return first
+    smoothed, _ = smooth(ctx.fm, calib, alpha=alpha, statistics=stats)  # the best, again
+    candidate = quantize_int8(smoothed, calib, config, threads=ctx.threads, variant=first.variant)
     speeds = relative_speeds([first.model, candidate.model], calib, batch=ctx.batch,
                              threads=ctx.threads)
     section["speed_with_vs_without"] = round(speeds[1], 3)
