@@ -156,10 +156,11 @@ def _meet_target(ctx: RunContext, calib: Dataset, config: Int8Config,
     first_score = score(first)
     if config.smoothquant and first.plan.nodes_with(Treatment.DYNAMIC) and first_score < target:
         # SmoothQuant first: it keeps every layer INT8 (full speed) when it suffices
-        from lowbit.backends.onnx.smoothquant import smooth
+        from lowbit.backends.onnx.smoothquant import smooth, smoothing_statistics
 
+        stats = smoothing_statistics(ctx.fm, calib, threads=ctx.threads)  # once, every alpha
         for alpha in SMOOTHQUANT_ALPHAS:  # migration strength; the best on calibration wins
-            smoothed, n_inputs = smooth(ctx.fm, calib, alpha=alpha, threads=ctx.threads)
+            smoothed, n_inputs = smooth(ctx.fm, calib, alpha=alpha, statistics=stats)
             if not n_inputs:
                 break
             candidate = quantize_int8(smoothed, calib, config, threads=ctx.threads,

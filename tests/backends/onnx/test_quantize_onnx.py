@@ -383,7 +383,7 @@ def test_report_lists_every_float_node(vgg, mode):
 
 
 def test_calibration_memory_is_bounded(digits):
-    from lowbit.backends.onnx.calibrate import calibrate
+    from lowbit.backends.onnx.calibrate import run_calibration
     from lowbit.backends.onnx.load import load_model
 
     float_model, _ = load_model(digits["proto"])
@@ -391,10 +391,10 @@ def test_calibration_memory_is_bounded(digits):
     tensors = [graph.graph.input[0].name] + [n.output[0] for n in graph.graph.node]
     rng = np.random.default_rng(7)
     big = rng.uniform(0, 1, (2000, 1, 8, 8)).astype(np.float32)
-    obs_small = calibrate(float_model, Dataset({graph.graph.input[0].name: big[:200]}), tensors,
-                          batch_size=50)
-    obs_big = calibrate(float_model, Dataset({graph.graph.input[0].name: big}), tensors,
-                        batch_size=50)
+    obs_small = run_calibration(float_model, Dataset({graph.graph.input[0].name: big[:200]}),
+                                tensors, batch_size=50).observers
+    obs_big = run_calibration(float_model, Dataset({graph.graph.input[0].name: big}), tensors,
+                              batch_size=50).observers
     assert set(obs_small) == set(obs_big) == set(tensors)
     for t in tensors:
         assert obs_small[t].counts.shape == obs_big[t].counts.shape

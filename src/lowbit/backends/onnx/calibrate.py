@@ -57,20 +57,6 @@ def expose_tensors(fm: FloatModel, names: list[str]) -> FloatModel:
     return FloatModel(out, fm.weights)
 
 
-def calibrate(
-    model: FloatModel,
-    dataset: Dataset,
-    tensors: list[str],
-    *,
-    batch_size: int,
-    threads: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, HistogramObserver]:
-    """Observers for ``tensors`` after streaming ``dataset`` through ``model``."""
-    return run_calibration(model, dataset, tensors, batch_size=batch_size, threads=threads,
-                           progress=progress).observers
-
-
 def run_calibration(
     model: FloatModel,
     dataset: Dataset,
@@ -81,7 +67,8 @@ def run_calibration(
     progress: Callable[[int], None] | None = None,
     run_bytes: int | None = None,
 ) -> CalibrationRun:
-    """``calibrate``, with the batch, the activation bytes per sample and the time taken.
+    """Observers for ``tensors`` after streaming ``dataset`` through ``model``, with the
+    batch, the activation bytes per sample and the passes taken.
     ``run_bytes``: the exposed activations one run may hold (default ``RUN_BYTES``)."""
     run_bytes = RUN_BYTES if run_bytes is None else int(run_bytes)
     index = GraphIndex(model.proto, model.weights)

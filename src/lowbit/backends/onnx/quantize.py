@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from lowbit.backends.onnx.calibrate import calibrate, run_calibration
+from lowbit.backends.onnx.calibrate import run_calibration
 from lowbit.backends.onnx.candidates import (
     FLOAT_TIMING_MAX_BYTES,
     MIN_SEARCH_SECONDS,
@@ -247,8 +247,8 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
                 plans.append((alt, alt_plan))
         missing = sorted({t for _, p in plans for t in p.observed} - set(observers))
         if missing:
-            observers.update(calibrate(fm, calib, missing, batch_size=config.batch_size,
-                                       threads=threads))
+            observers.update(run_calibration(fm, calib, missing, batch_size=config.batch_size,
+                                             threads=threads).observers)
     del others
     t2 = time.perf_counter()
     selection = calib.take(0, selection_size(
