@@ -4,6 +4,7 @@
   -> Flatten -> Dense(10), for 8x8 single-channel digits.
 - ``VGGStyleCNN``: 3x3 conv stacks on 32x32x3 input (the INT8 speed benchmark).
 - ``MLP``: fully connected layers with ReLU (e.g. 1024-2048-2048-10).
+- ``tiny_gpt`` / ``tiny_bert_encoder``: a GPT-style decoder and a BERT-style encoder.
 """
 
 from __future__ import annotations
@@ -126,3 +127,74 @@ def tiny_gpt(vocab: int = 256, d_model: int = 128, heads: int = 4, layers: int =
             return self.head(self.ln_f(x))
 
     return TinyGPT()
+
+
+def tiny_bert_encoder(vocab: int = 256, d_model: int = 128, heads: int = 4, layers: int = 2,
+                      max_len: int = 128, num_classes: int = 2, *, pre_norm: bool = False,
+                      pool: str = "first") -> Any:
+    """A BERT-style encoder for sequence classification: token + position embeddings,
+    bidirectional self-attention blocks (post-LayerNorm as in BERT, with a LayerNorm on
+    the embeddings; or ``pre_norm`` blocks and a final LayerNorm), a GELU (erf) MLP, and a
+    head on the first token through a tanh pooler (``pool="first"``) or on the mean of
+    the unpadded tokens (``pool="mean"``).
+
+    Inputs: ``input_ids`` (batch, seq) int64 and ``attention_mask`` (batch, seq) of 0/1,
+    0 marking padding, which no token attends to (an additive large-negative mask on the
+    attention scores). Output: logits (batch, num_classes)."""
+    import torch
+
+    nn = _nn()
+    if pool not in ("first", "mean"):
+        raise ValueError(f"pool must be 'first' or 'mean', not {pool!r}")
+
+    class Block(nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+            self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+            self.up, self.down = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+
+        def attend(self, x: Any, mask_bias: Any) -> Any:
+            b, t, c = x.shape
+            q, k, v = self.qkv(x).split(c, dim=2)
+            q, k, v = (z.reshape(b, t, heads, c // heads).transpose(1, 2) for z in (q, k, v))
+            att = (q @ k.transpose(-2, -1)) / float(c // heads) ** 0.5 + mask_bias
+            return self.proj((att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, c))
+
+        def mlp(self, x: Any) -> Any:
+            return self.down(torch.nn.functional.gelu(self.up(x)))
+
+        def forward(self, x: Any, mask_bias: Any) -> Any:
+            if pre_norm:
+                x = x + self.attend(self.ln1(x), mask_bias)
+                return x + self.mlp(self.ln2(x))
+            x = self.ln1(x + self.attend(x, mask_bias))
+            return self.ln2(x + self.mlp(x))
+
+    class TinyBertEncoder(nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(max_len, d_model)
+            self.ln = nn.LayerNorm(d_model)  # on the embeddings (post-norm) or the output
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.pooler = nn.Linear(d_model, d_model)
+            self.head = nn.Linear(d_model, num_classes)
+
+        def forward(self, ids: Any, attention_mask: Any) -> Any:
+            b, t = ids.shape
+            x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))[None]
+            if not pre_norm:
+                x = self.ln(x)
+            keys = attention_mask[:, None, None, :].expand(b, 1, t, t).to(x.dtype)
+            mask_bias = (1.0 - keys) * torch.finfo(x.dtype).min  # 0 where kept
+            for block in self.blocks:
+                x = block(x, mask_bias)
+            if pre_norm:
+                x = self.ln(x)
+            if pool == "first":
+                return self.head(torch.tanh(self.pooler(x[:, 0])))
+            padding = (attention_mask == 0)[:, :, None]
+            count = attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
+            return self.head(self.pooler(x.masked_fill(padding, 0.0).sum(dim=1) / count))
+
+    return TinyBertEncoder()

@@ -36,9 +36,12 @@ from lowbit.backends.onnx.writer import write_model
 from lowbit.config import (
     ChannelImportance,
     ClusterConfig,
+    DistillConfig,
+    DistillSettings,
     Int8Config,
     MixedPrecisionConfig,
     PruneConfig,
+    QatConfig,
     StageConfig,
     StructuredPruneConfig,
     WeightOnlyConfig,
@@ -53,8 +56,9 @@ from lowbit.report.build import build_report, weight_section
 from lowbit.report.verify import check_model
 from lowbit.report.verify import verify as verify_model
 from lowbit.stages.base import ProgressFn, RunContext, handler_for
+from lowbit.stages.distill import check_student, onnx_teacher
 
-QUANTIZE_CONFIGS = (Int8Config, WeightOnlyConfig, MixedPrecisionConfig)
+QUANTIZE_CONFIGS = (Int8Config, WeightOnlyConfig, MixedPrecisionConfig, QatConfig)
 HOLDOUT_FRACTION = 0.2
 
 
@@ -155,14 +159,23 @@ def _datasets(fm: FloatModel, data: Any, eval_data: Any, stages: Sequence[StageC
 
 def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_data: Any = None,
         threads: int = 1, batch: int | None = None, verify: bool = True,
-        progress: ProgressFn | None = None, tool: str = "lowbit run") -> CompressedModel:
+        progress: ProgressFn | None = None, tool: str = "lowbit run",
+        distill: DistillSettings | None = None, teacher: Any = None) -> CompressedModel:
     """Apply ``stages`` in order to ``model`` (ONNX path/proto, .lbz, or torch module).
 
     ``data`` calibrates and fine-tunes; ``eval_data`` verifies (default: the last 20%
     of ``data``, held back from both). ``batch``: the batch the result is timed (and
-    chosen) at; default the model's fixed batch, else 8 (``lowbit.layouts``)."""
+    chosen) at; default the model's fixed batch, else 8 (``lowbit.layouts``).
+    ``distill``: every training stage also learns from the teacher's outputs; the
+    teacher is ``teacher`` (a model as ``model`` may be) or else the original model."""
     check_stages(stages)
-    if data is None and any(isinstance(c, (Int8Config, MixedPrecisionConfig)) for c in stages):
+    if distill is not None and not isinstance(distill, DistillSettings):
+        raise ValidationError(f"distill: expected DistillSettings, got {type(distill).__name__}")
+    if teacher is not None and distill is None and not any(isinstance(c, DistillConfig)
+                                                           for c in stages):
+        distill = DistillSettings()  # naming a teacher asks for distillation
+    if data is None and any(isinstance(c, (Int8Config, MixedPrecisionConfig, QatConfig,
+                                           DistillConfig)) for c in stages):
         raise ValidationError("quantization needs data (--data) to calibrate and verify")
     if data is None and any(getattr(c, "epochs", 0) > 0 for c in stages):
         raise ValidationError("option epochs: fine-tuning needs data with labels (--data)")
@@ -179,7 +192,17 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     batch = run_batch(input_specs_of_model(fm.proto), batch,
                       train if train is not None else holdout)
     ctx = RunContext(fm=fm, original=fm, train=train, threads=threads, batch=batch,
-                     progress=progress)
+                     progress=progress, distill=distill)
+    if teacher is not None:
+        teacher_fm = resolve_model(teacher, data, fold_bn=True)[0]
+        check_student(teacher_fm, fm)
+        ctx.teacher = onnx_teacher(teacher_fm, threads=threads)
+        ctx.sections["teacher"] = {"model": str(teacher) if isinstance(
+            teacher, (str, os.PathLike)) else type(teacher).__name__}
+    elif distill is not None:
+        ctx.teacher = onnx_teacher(fm, threads=threads)
+    if distill is not None:
+        ctx.sections["distillation"] = distill.to_dict()
     if given is not None:
         quantizes = any(isinstance(c, QUANTIZE_CONFIGS) for c in stages)
         ctx.notes.append(describe(given, "quantized" if quantizes else "compressed"))
@@ -238,7 +261,7 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
                           warnings=ctx.warnings, skipped=ctx.skipped, verification=verification,
                           seconds=ctx.seconds)
     return CompressedModel(output, report, fm=weights_fm, original=original, lbz=lbz,
-                           inputs=(model, *external_data_files(model), data, eval_data))
+                           inputs=(model, *external_data_files(model), data, eval_data, teacher))
 
 
 def _verify(working: FloatModel, working_output: onnx.ModelProto, output: onnx.ModelProto,

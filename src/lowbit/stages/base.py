@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 
 from lowbit.backends.onnx.store import FloatModel
-from lowbit.config import StageConfig
+from lowbit.backends.torch.finetune import Teacher
+from lowbit.config import DistillSettings, StageConfig
 from lowbit.data import Dataset
 from lowbit.errors import ValidationError
 from lowbit.quant.plan import QuantizationPlan
@@ -49,6 +50,11 @@ class RunContext:
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     sparse: set[str] = field(default_factory=set)  # weights whose zeros later stages keep
+    # weight -> (codebook, indices) of clustered weights, whose shared values later
+    # training stages keep (index -1: a pruned zero)
+    clusters: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    teacher: Teacher | None = None  # outputs that training stages distill from
+    distill: DistillSettings | None = None
     _trainable: str | None = None  # "" if the bridge runs this graph, else why not
 
     def require_train(self, what: str) -> Dataset:
@@ -61,7 +67,7 @@ class RunContext:
         reason goes into the notes once and the stage stays post-training."""
         if epochs <= 0:
             return False
-        if self.train is None or self.train.labels is None:
+        if self.train is None or (self.train.labels is None and self.teacher is None):
             note = ("no data given (--data): post-training only, no fine-tuning"
                     if self.train is None else
                     "no labels ('y') in the data: post-training only, no fine-tuning")

@@ -32,11 +32,24 @@ def cluster_stage(config: ClusterConfig, ctx: RunContext) -> dict[str, Any]:
     if tune:
         spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
                             batch_size=config.batch_size,
-                            shared={n: (c.codebook, c.indices) for n, c in clusters.items()})
+                            shared={n: (c.codebook, c.indices) for n, c in clusters.items()},
+                            teacher=ctx.teacher, distill=ctx.distill)
         values = finetune(fm, ctx.require_train("fine-tuning"), spec,
                           ctx.epoch_progress("fine-tuning centroids"))
     else:
         values = {n: c.weights() for n, c in clusters.items()}
     ctx.fm = with_weights(fm, values)
+    for name, c in clusters.items():  # later training stages keep the shared values
+        ctx.clusters[name] = (trained_codebook(c, values[name]), c.indices)
     return {"bits": config.bits, "init": config.init.value, "biases": biases,
             "epochs": config.epochs if tune else 0}
+
+
+def trained_codebook(clustering: Clustering, weight: np.ndarray) -> np.ndarray:
+    """The shared values of ``weight`` (clustered by ``clustering``, then trained), in
+    the order of its codebook."""
+    book = np.array(clustering.codebook, np.float32, copy=True)
+    flat, idx = np.asarray(weight).reshape(-1), np.asarray(clustering.indices).reshape(-1)
+    used = idx >= 0
+    book[idx[used]] = flat[used]  # (every member of a cluster holds the same value)
+    return book

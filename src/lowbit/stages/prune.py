@@ -99,7 +99,7 @@ def prune_stage(config: PruneConfig, ctx: RunContext) -> dict[str, Any]:
     weights = {n: w for n, w in weights.items() if n in masks}
     tune = ctx.fine_tune_possible(config.epochs)
     spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
-                        batch_size=config.batch_size)
+                        batch_size=config.batch_size, teacher=ctx.teacher, distill=ctx.distill)
     if tune and config.nm is None:  # gradual: masks grow while the weights adapt
         train = ctx.require_train("fine-tuning")
         spec.masks = kept
@@ -139,7 +139,8 @@ def structured_prune_stage(config: StructuredPruneConfig, ctx: RunContext) -> di
     tune = ctx.fine_tune_possible(config.epochs)
     if tune:
         spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
-                            batch_size=config.batch_size, masks=ctx.zero_masks(result))
+                            batch_size=config.batch_size, masks=ctx.zero_masks(result),
+                            teacher=ctx.teacher, distill=ctx.distill)
         values = finetune(result, ctx.require_train("fine-tuning"), spec,
                           ctx.epoch_progress("fine-tuning"))
         result = with_weights(result, values)

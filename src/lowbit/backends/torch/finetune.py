@@ -7,7 +7,14 @@ and hooks:
   returns replace the old ones (a sparsity schedule lives in the pruning stage);
 - ``shared``: a weight-shared tensor is ``codebook[indices]`` (index -1: a pruned
   zero); the codebook is the trainable parameter, so each shared value moves by
-  the summed gradient of its cluster and assignments never change.
+  the summed gradient of its cluster and assignments never change;
+- ``weight_transforms``: a weight is used as ``transform(weight)`` (QAT's fake
+  quantization), after its masks and codebook;
+- ``tensor_hooks``: torch modules applied to graph tensors by name as they are
+  computed (QAT's activation fake quantization; their parameters train too);
+- ``teacher`` and ``distill``: the loss mixes the labels' loss with a loss against
+  the teacher's outputs on the same inputs (knowledge distillation); with a teacher,
+  labels are optional.
 
 Returns the new weight values by initializer name; the graph is untouched.
 """
@@ -21,10 +28,13 @@ from typing import Any
 import numpy as np
 
 from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.torch.distill import distill_loss
 from lowbit.backends.torch.from_onnx import build_torch_module
+from lowbit.config.training import DistillSettings
 from lowbit.data import Dataset
 from lowbit.errors import DataError
 
+Teacher = Callable[[list[np.ndarray]], np.ndarray]  # one run's inputs -> first output
 MaskUpdate = Callable[[int, dict[str, np.ndarray], dict[str, np.ndarray]],
                       dict[str, np.ndarray] | None]
 
@@ -39,6 +49,10 @@ class FinetuneSpec:
     mask_update: MaskUpdate | None = None
     mask_layers: list[str] = field(default_factory=list)  # weights mask_update sees
     shared: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # (codebook, indices)
+    weight_transforms: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+    tensor_hooks: dict[str, Any] = field(default_factory=dict)  # tensor name -> torch module
+    teacher: Teacher | None = None
+    distill: DistillSettings | None = None
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -49,60 +63,105 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
              progress: Callable[[int, int, float], None] | None = None) -> dict[str, np.ndarray]:
     import torch
 
-    if train.labels is None:
+    if train.labels is None and spec.teacher is None:
         raise DataError(f"{train.source}: fine-tuning needs labels ('y')")
     torch.manual_seed(spec.seed)
-    codebooks: dict[str, tuple[Any, Any]] = {}
-    overrides: dict[str, Callable[[], Any]] = {}
-    for name, (codebook, indices) in spec.shared.items():
-        book = torch.nn.Parameter(torch.from_numpy(np.asarray(codebook, np.float32).copy()))
-        # index k points at a constant zero appended in _gather: pruned stays exactly 0
-        idx = torch.from_numpy(np.where(indices >= 0, indices, codebook.size).astype(np.int64))
-        codebooks[name] = (book, idx)
-        overrides[name] = (lambda c=book, i=idx: _gather(c, i))
-    module = build_torch_module(fm, weight_override=overrides)
-    params = list(module.parameters()) + [c for c, _ in codebooks.values()]
-    opt = torch.optim.Adam(params, lr=spec.lr, foreach=True)
+    module, external, codebooks = _module(fm, spec)
+    opt = torch.optim.Adam(list(module.parameters()) + list(external.values())
+                           + [c for c, _ in codebooks.values()], lr=spec.lr, foreach=True)
     masks = {k: torch.from_numpy(np.asarray(v, dtype=bool)) for k, v in spec.masks.items()}
     xs = [torch.from_numpy(np.ascontiguousarray(v)) for v in train.inputs.values()]
-    y = torch.from_numpy(np.ascontiguousarray(train.labels))
-    classify = y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
-    loss_fn = torch.nn.CrossEntropyLoss() if classify else torch.nn.MSELoss()
+    y = None if train.labels is None else torch.from_numpy(np.ascontiguousarray(train.labels))
+    classify = y is not None and y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
+    settings = spec.distill or DistillSettings()
     first = torch.arange(min(train.num_samples, train.fixed_batch or 1))
-    _check_targets(module, *_runs(train, xs, y, first)[0], y, train.whole, classify,
-                   train.source)
+    if y is not None:
+        _check_targets(module, *_runs(train, xs, y, first)[0], y, train.whole, classify,
+                       train.source)
     rng = np.random.default_rng(spec.seed)
     n, step = train.num_samples, 0
-    _apply_masks(module, masks)
+    params = _Weights(module, external)
+    params.mask(masks)
     module.train()
     for epoch in range(spec.epochs):
         order = torch.from_numpy(rng.permutation(n))
         total = 0.0
         for start in range(0, n, spec.batch_size):
             if spec.mask_update is not None:
-                _update_masks(module, masks, spec.mask_update, spec.mask_layers, step)
+                _update_masks(params, masks, spec.mask_update, spec.mask_layers, step)
             idx = order[start : start + spec.batch_size]
             opt.zero_grad(set_to_none=True)
             runs = _runs(train, xs, y, idx)
             for inputs, target in runs:  # gradients summed; the loss is their mean
                 out = module(*inputs)[0]
-                target = _target(out, target, train.whole)
-                loss = loss_fn(out, target.long() if classify else target.float())
+                loss = _loss(out, target, inputs, spec, settings, classify, train.whole)
                 (loss if len(runs) == 1 else loss / len(runs)).backward()
                 total += loss.item() * len(idx) / len(runs)
             opt.step()
-            _apply_masks(module, masks)
+            params.mask(masks)
             step += 1
         if progress is not None:
             progress(epoch + 1, spec.epochs, total / n)
     module.eval()
     values = module.parameter_values()
+    values.update({name: p.detach().numpy().copy() for name, p in external.items()})
     for name, (book, idx) in codebooks.items():
         values[name] = _gather(book, idx).detach().numpy().copy()
     for name, mask in masks.items():
         if name in values:
             values[name] = np.where(mask.numpy(), values[name], np.float32(0)).astype(np.float32)
     return values
+
+
+def _module(fm: FloatModel, spec: FinetuneSpec) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The bridge module, the parameters of transformed weights that it reads through
+    an override (by initializer name), and the codebooks of shared weights."""
+    import torch
+
+    codebooks: dict[str, tuple[Any, Any]] = {}
+    external: dict[str, Any] = {}
+    overrides: dict[str, Callable[[], Any]] = {}
+    identity = (lambda w: w)  # noqa: E731
+    for name, (codebook, indices) in spec.shared.items():
+        book = torch.nn.Parameter(torch.from_numpy(np.asarray(codebook, np.float32).copy()))
+        # index k points at a constant zero appended in _gather: pruned stays exactly 0
+        idx = torch.from_numpy(np.where(indices >= 0, indices, codebook.size).astype(np.int64))
+        codebooks[name] = (book, idx)
+        t = spec.weight_transforms.get(name, identity)
+        overrides[name] = (lambda c=book, i=idx, t=t: t(_gather(c, i)))
+    for name, t in spec.weight_transforms.items():
+        value = fm.constant(name)
+        if name in overrides or value is None:
+            continue
+        p = torch.nn.Parameter(torch.from_numpy(np.array(value, np.float32, copy=True)))
+        external[name] = p
+        overrides[name] = (lambda p=p, t=t: t(p))
+    module = build_torch_module(fm, weight_override=overrides, tensor_hooks=spec.tensor_hooks)
+    return module, external, codebooks
+
+
+def _loss(out: Any, target: Any, inputs: list[Any], spec: FinetuneSpec,
+          settings: DistillSettings, classify: bool, whole: bool) -> Any:
+    """The labels' loss, the teacher's, or their mix (``settings.alpha`` the teacher's)."""
+    import torch
+
+    hard = None
+    if target is not None:
+        target = _target(out, target, whole)
+        if classify:  # classes on the last axis: (N, C) or (N, T, C)
+            hard = torch.nn.functional.cross_entropy(out.movedim(-1, 1) if out.ndim > 2
+                                                     else out, target.long())
+        else:
+            hard = torch.nn.functional.mse_loss(out, target.float())
+    if spec.teacher is None:
+        return hard
+    with torch.no_grad():
+        teacher = torch.from_numpy(np.asarray(
+            spec.teacher([x.numpy() for x in inputs]), np.float32)).reshape(out.shape)
+    soft = distill_loss(out, teacher, settings, classify=classify)
+    if hard is None:
+        return soft
+    return (1.0 - settings.alpha) * hard + settings.alpha * soft
 
 
 def _runs(train: Dataset, xs: list[Any], y: Any, idx: Any) -> list[tuple[list[Any], Any]]:
@@ -114,12 +173,13 @@ def _runs(train: Dataset, xs: list[Any], y: Any, idx: Any) -> list[tuple[list[An
 
     if train.whole:
         r = train.label_rows
-        return [([x[i] for x in xs], y[i * r : (i + 1) * r]) for i in idx.tolist()]
+        return [([x[i] for x in xs], None if y is None else y[i * r : (i + 1) * r])
+                for i in idx.tolist()]
     b = train.fixed_batch
     if not b:
-        return [([x[idx] for x in xs], y[idx])]
+        return [([x[idx] for x in xs], None if y is None else y[idx])]
     full = idx[torch.arange(len(idx) + (-len(idx)) % b) % len(idx)]
-    return [([x[c] for x in xs], y[c]) for c in full.split(b)]
+    return [([x[c] for x in xs], None if y is None else y[c]) for c in full.split(b)]
 
 
 def _target(out: Any, labels: Any, whole: bool) -> Any:
@@ -152,28 +212,40 @@ def _gather(codebook: Any, idx: Any) -> Any:
     return torch.cat([codebook, codebook.new_zeros(1)])[idx]
 
 
-def _apply_masks(module: Any, masks: dict[str, Any]) -> None:
-    import torch
+class _Weights:
+    """The trainable weights by initializer name, wherever they live (the bridge module's
+    own parameters, or those read through an override)."""
 
-    with torch.no_grad():
-        for name, mask in masks.items():
-            key = module.keys.get(name)
-            if key is not None:
-                getattr(module, key).mul_(mask)
+    def __init__(self, module: Any, external: dict[str, Any]) -> None:
+        self.module, self.external = module, external
+
+    def get(self, name: str) -> Any:
+        if name in self.external:
+            return self.external[name]
+        key = self.module.keys.get(name)
+        return None if key is None else getattr(self.module, key)
+
+    def mask(self, masks: dict[str, Any]) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, mask in masks.items():
+                p = self.get(name)
+                if p is not None:
+                    p.mul_(mask)
 
 
-def _update_masks(module: Any, masks: dict[str, Any], update: MaskUpdate, layers: list[str],
+def _update_masks(params: _Weights, masks: dict[str, Any], update: MaskUpdate, layers: list[str],
                   step: int) -> None:
     import torch
 
-    current = {n: getattr(module, module.keys[n]).detach().numpy() for n in layers
-               if n in module.keys}
+    current = {n: p.detach().numpy() for n in layers if (p := params.get(n)) is not None}
     new = update(step, current, {n: m.numpy() for n, m in masks.items()})
     if new is None:
         return
     for n, m in new.items():
         masks[n] = torch.from_numpy(np.asarray(m, dtype=bool))
-    _apply_masks(module, masks)
+    params.mask(masks)
 
 
 def with_weights(fm: FloatModel, values: dict[str, np.ndarray]) -> FloatModel:

@@ -3,31 +3,29 @@
 lowbit fine-tunes ONNX models by interpreting their graph with torch ops:
 the float weights become ``nn.Parameter``s, training updates them, and the
 new values are written back into the *same* ONNX graph, which therefore
-never changes shape or structure. Only the operators below are supported;
-anything else raises ``UnsupportedOpError`` and the caller falls back to
-post-training compression with a message. (onnx2torch, the usual converter,
-requires torchvision, which cannot be installed beside the pinned CPU torch.)
+never changes shape or structure. The CNN operators are here, the rest (element-wise,
+LayerNormalization, Softmax, shape arithmetic, Gather/Slice/Where/Expand, ...) in
+``onnx_ops``, so CNNs and transformer graphs (token ids and attention masks in, any
+batch and sequence length) both train. Any other operator raises
+``UnsupportedOpError`` and the caller falls back to post-training compression with a
+message. (onnx2torch, the usual converter, requires torchvision, which cannot be
+installed beside the pinned CPU torch.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from lowbit.backends.onnx.graph import GraphIndex
+from lowbit.backends.onnx.graph import GraphIndex, attr
 from lowbit.backends.onnx.graph import attrs as node_attrs
 from lowbit.backends.onnx.store import FloatModel
-from lowbit.backends.onnx.weights import weight_initializers
+from lowbit.backends.onnx.weights import FLOAT, weight_initializers, weighted_nodes
+from lowbit.backends.torch.onnx_ops import OPS, Ctx, norm_axis, optional_input, run
 from lowbit.errors import UnsupportedOpError
-
-SUPPORTED = frozenset({
-    "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Sigmoid",
-    "Tanh", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape",
-    "Transpose", "Concat", "Softmax", "BatchNormalization", "Identity", "Dropout", "Squeeze",
-    "Unsqueeze",
-})
 
 
 def check_trainable(fm: FloatModel) -> None:
@@ -40,19 +38,63 @@ def check_trainable(fm: FloatModel) -> None:
             "by lowbit's ONNX-to-PyTorch bridge")
 
 
-def build_torch_module(fm: FloatModel, *, weight_override: dict[str, Callable[[], Any]] | None = None
-                       ) -> Any:
-    """A ``torch.nn.Module`` that runs ``fm``'s graph. The constant weights and biases of
-    Conv/Gemm/MatMul layers are parameters (unless ``weight_override`` computes them);
-    ``parameter_values()`` gives them back by initializer name."""
+def trainable_initializers(fm: FloatModel) -> list[str]:
+    """The float32 initializers fine-tuning trains: the weights and biases of the weighted
+    layers (``weight_initializers(fm, biases=True)``), and, which that leaves out, the
+    bias a constant ``Add`` puts on a weighted MatMul's output (how a Linear layer on
+    3-D activations is exported), embedding tables (the data of a ``Gather`` on axis 0)
+    and LayerNormalization's scale and bias. Other float constants (a GELU's 0.5, an
+    attention scale, a mask's fill value) stay constants."""
+    index = GraphIndex(fm.proto, fm.weights)
+    names = list(weight_initializers(fm, biases=True))
+    matmul_width = {w.node.output[0]: int(index.initializers[w.weight].dims[-1])
+                    for w in weighted_nodes(fm)[0] if w.op_type == "MatMul"}
+
+    def add(name: str, size: int | None = None) -> None:
+        t = index.initializers.get(name)
+        if t is None or t.data_type != FLOAT or name in names:
+            return
+        if size is None or list(t.dims) == [size]:
+            names.append(name)
+
+    for node in fm.proto.graph.node:
+        if node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        ins = list(node.input)
+        if node.op_type == "Gather" and ins[0] in index.initializers:
+            if norm_axis(attr(node, "axis", 0), len(index.initializers[ins[0]].dims)) == 0:
+                add(ins[0])
+        elif node.op_type == "LayerNormalization":
+            for name in ins[1:3]:
+                add(name)
+        elif node.op_type == "Add":
+            for out, bias in ((ins[0], ins[1]), (ins[1], ins[0])):
+                if out in matmul_width:
+                    add(bias, matmul_width[out])
+    return names
+
+
+def build_torch_module(fm: FloatModel, *, weight_override: dict[str, Callable[[], Any]] | None = None,
+                       tensor_hooks: dict[str, Any] | None = None) -> Any:
+    """A ``torch.nn.Module`` that runs ``fm``'s graph. The initializers
+    ``trainable_initializers`` names are parameters (unless ``weight_override`` computes
+    them); ``parameter_values()`` gives them back by initializer name. ``tensor_hooks``:
+    torch modules applied to graph tensors (graph inputs, node outputs) by name as they
+    are computed, e.g. activation fake quantization; they are submodules, so their
+    parameters train and ``train()``/``eval()`` reach them. ``forward`` takes the graph
+    inputs in order (or by name) and returns the graph outputs as a list."""
     import torch
     import torch.nn.functional as F  # noqa: N812
 
     check_trainable(fm)
     overrides = weight_override or {}
+    hooks = dict(tensor_hooks or {})
     index = GraphIndex(fm.proto, fm.weights)
-    trainable = set(weight_initializers(fm, biases=True))
-    program = [(n.op_type, node_attrs(n), list(n.input), list(n.output)) for n in fm.proto.graph.node]
+    trainable = set(trainable_initializers(fm))
+    opset = next((int(o.version) for o in fm.proto.opset_import if o.domain in ("", "ai.onnx")),
+                 17)
+    program = [(n.op_type, node_attrs(n), list(n.input), list(n.output))
+               for n in fm.proto.graph.node]
 
     class Module(torch.nn.Module):
         def __init__(self) -> None:
@@ -71,6 +113,8 @@ def build_torch_module(fm: FloatModel, *, weight_override: dict[str, Callable[[]
                 else:
                     self.constants[name] = t
             self.overrides = overrides
+            self.hooks = torch.nn.ModuleList(list(hooks.values()))
+            self.hook_index = {name: i for i, name in enumerate(hooks)}
 
         def value(self, name: str) -> Any:
             if name in self.overrides:
@@ -79,14 +123,18 @@ def build_torch_module(fm: FloatModel, *, weight_override: dict[str, Callable[[]
                 return getattr(self, self.keys[name])
             return self.constants[name]
 
-        def forward(self, *inputs: Any) -> list[Any]:
-            env: dict[str, Any] = {"": None}
-            for spec, x in zip(index.graph_inputs, inputs):
-                env[spec] = x
+        def hooked(self, name: str, value: Any) -> Any:
+            i = self.hook_index.get(name)
+            return value if i is None else self.hooks[i](value)
+
+        def forward(self, *inputs: Any, **named: Any) -> list[Any]:
+            given = {**dict(zip(index.graph_inputs, inputs)), **named}
+            env: dict[str, Any] = {"": None, **{k: self.hooked(k, v) for k, v in given.items()}}
             for op, a, ins, outs in program:
                 args = [env[x] if x in env else (self.value(x) if x else None) for x in ins]
-                for name, value in zip(outs, _run(op, a, args, F, torch)):
-                    env[name] = value
+                results = run(op, a, args, F, torch, opset=opset, n_out=len(outs))
+                for name, value in zip(outs, results):
+                    env[name] = self.hooked(name, value)
             return [env[o] for o in index.graph_outputs]
 
         def parameter_values(self) -> dict[str, np.ndarray]:
@@ -110,70 +158,67 @@ def _padded(x: Any, pads: list[int], spatial: int, F: Any, value: float = 0.0) -
     return F.pad(x, torch_pads, value=value)
 
 
-def _run(op: str, a: dict[str, Any], x: list[Any], F: Any, torch: Any) -> list[Any]:  # noqa: N803, C901
-    if op == "Conv":
-        spatial = x[0].dim() - 2
-        pads, symmetric = _pads(a, spatial)
-        inp = x[0] if symmetric else _padded(x[0], pads, spatial, F)
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-        return [conv(inp, x[1], x[2] if len(x) > 2 else None, stride=a.get("strides", 1),
-                     padding=pads[:spatial] if symmetric else 0,
-                     dilation=a.get("dilations", 1), groups=a.get("group", 1))]
-    if op == "Gemm":
-        A = x[0].t() if a.get("transA", 0) else x[0]  # noqa: N806
-        B = x[1].t() if a.get("transB", 0) else x[1]  # noqa: N806
-        y = a.get("alpha", 1.0) * (A @ B)
-        if len(x) > 2 and x[2] is not None:
-            y = y + a.get("beta", 1.0) * x[2]
-        return [y]
-    simple = {"MatMul": lambda: x[0] @ x[1], "Add": lambda: x[0] + x[1],
-              "Sub": lambda: x[0] - x[1], "Mul": lambda: x[0] * x[1],
-              "Div": lambda: x[0] / x[1], "Relu": lambda: F.relu(x[0]),
-              "Sigmoid": lambda: torch.sigmoid(x[0]), "Tanh": lambda: torch.tanh(x[0]),
-              "Identity": lambda: x[0], "Dropout": lambda: x[0],
-              "LeakyRelu": lambda: F.leaky_relu(x[0], a.get("alpha", 0.01)),
-              "GlobalAveragePool": lambda: x[0].mean(dim=tuple(range(2, x[0].dim())), keepdim=True),
-              "Softmax": lambda: F.softmax(x[0], dim=a.get("axis", -1))}
-    if op in simple:
-        return [simple[op]()]
-    if op == "Clip":
-        lo = x[1] if len(x) > 1 and x[1] is not None else None
-        hi = x[2] if len(x) > 2 and x[2] is not None else None
-        return [torch.clamp(x[0], min=None if lo is None else float(lo),
-                            max=None if hi is None else float(hi))]
-    if op in ("MaxPool", "AveragePool"):
-        spatial = x[0].dim() - 2
-        pads, symmetric = _pads(a, spatial)
-        kernel, strides = a["kernel_shape"], a.get("strides", [1] * spatial)
-        if op == "MaxPool":
-            pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
-            inp = x[0] if symmetric else _padded(x[0], pads, spatial, F, float("-inf"))
-            return [pool(inp, kernel, strides, pads[:spatial] if symmetric else 0,
-                         a.get("dilations", 1), ceil_mode=bool(a.get("ceil_mode", 0)))]
-        pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
-        if not symmetric:
-            raise UnsupportedOpError("asymmetric AveragePool padding is not supported")
-        return [pool(x[0], kernel, strides, pads[:spatial], ceil_mode=bool(a.get("ceil_mode", 0)),
-                     count_include_pad=bool(a.get("count_include_pad", 0)))]
-    if op == "Flatten":
-        axis = a.get("axis", 1)
-        return [x[0].reshape(int(np.prod(x[0].shape[:axis])), -1)]
-    if op == "Reshape":
-        shape = [int(s) for s in x[1].tolist()]
-        shape = [x[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
-        return [x[0].reshape(shape)]
-    if op == "Transpose":
-        return [x[0].permute(*a.get("perm", list(reversed(range(x[0].dim())))))]
-    if op == "Concat":
-        return [torch.cat([t for t in x if t is not None], dim=a["axis"])]
-    if op == "BatchNormalization":
-        return [F.batch_norm(x[0], x[3], x[4], x[1], x[2], False, 0.0, a.get("epsilon", 1e-5))]
-    if op in ("Squeeze", "Unsqueeze"):
-        axes = x[1].tolist() if len(x) > 1 and x[1] is not None else a.get("axes")
-        y = x[0]
-        if op == "Squeeze":
-            return [y.squeeze() if axes is None else y.squeeze(tuple(axes))]
-        for ax in sorted(int(v) for v in axes):
-            y = y.unsqueeze(ax)
-        return [y]
-    raise UnsupportedOpError(f"operator {op} is not supported by the fine-tuning bridge")
+# ---------------------------------------------------------------- CNN operators
+
+
+def _conv(a: dict[str, Any], x: list[Any], c: Ctx) -> list[Any]:
+    spatial = x[0].dim() - 2
+    pads, symmetric = _pads(a, spatial)
+    inp = x[0] if symmetric else _padded(x[0], pads, spatial, c.F)
+    conv = {1: c.F.conv1d, 2: c.F.conv2d, 3: c.F.conv3d}[spatial]
+    return [conv(inp, x[1], optional_input(x, 2), stride=a.get("strides", 1),
+                 padding=pads[:spatial] if symmetric else 0,
+                 dilation=a.get("dilations", 1), groups=a.get("group", 1))]
+
+
+def _gemm(a: dict[str, Any], x: list[Any], c: Ctx) -> list[Any]:
+    A = x[0].t() if a.get("transA", 0) else x[0]  # noqa: N806
+    B = x[1].t() if a.get("transB", 0) else x[1]  # noqa: N806
+    y = a.get("alpha", 1.0) * (A @ B)
+    if optional_input(x, 2) is not None:
+        y = y + a.get("beta", 1.0) * x[2]
+    return [y]
+
+
+def _pool(a: dict[str, Any], x: list[Any], c: Ctx, op: str) -> list[Any]:
+    F = c.F  # noqa: N806
+    spatial = x[0].dim() - 2
+    pads, symmetric = _pads(a, spatial)
+    kernel, strides = a["kernel_shape"], a.get("strides", [1] * spatial)
+    if op == "MaxPool":
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
+        inp = x[0] if symmetric else _padded(x[0], pads, spatial, F, float("-inf"))
+        return [pool(inp, kernel, strides, pads[:spatial] if symmetric else 0,
+                     a.get("dilations", 1), ceil_mode=bool(a.get("ceil_mode", 0)))]
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+    if not symmetric:
+        raise UnsupportedOpError("asymmetric AveragePool padding is not supported")
+    return [pool(x[0], kernel, strides, pads[:spatial], ceil_mode=bool(a.get("ceil_mode", 0)),
+                 count_include_pad=bool(a.get("count_include_pad", 0)))]
+
+
+def _clip(a: dict[str, Any], x: list[Any], c: Ctx) -> list[Any]:
+    lo, hi = optional_input(x, 1), optional_input(x, 2)  # inputs from opset 11, attributes before
+    lo = lo.item() if lo is not None else a.get("min")
+    hi = hi.item() if hi is not None else a.get("max")
+    return [c.torch.clamp(x[0], min=lo, max=hi)]
+
+
+def _flatten(a: dict[str, Any], x: list[Any], c: Ctx) -> list[Any]:
+    axis = norm_axis(a.get("axis", 1), x[0].dim())
+    return [x[0].reshape(math.prod(x[0].shape[:axis]), math.prod(x[0].shape[axis:]))]
+
+
+OPS.update({
+    "Conv": _conv, "Gemm": _gemm, "Clip": _clip, "Flatten": _flatten,
+    "MaxPool": lambda a, x, c: _pool(a, x, c, "MaxPool"),
+    "AveragePool": lambda a, x, c: _pool(a, x, c, "AveragePool"),
+    "GlobalAveragePool": lambda a, x, c: [x[0].mean(dim=tuple(range(2, x[0].dim())),
+                                                    keepdim=True)],
+    "GlobalMaxPool": lambda a, x, c: [c.torch.amax(x[0], dim=tuple(range(2, x[0].dim())),
+                                                   keepdim=True)],
+    "BatchNormalization": lambda a, x, c: [c.F.batch_norm(
+        x[0], x[3], x[4], x[1], x[2], False, 0.0, a.get("epsilon", 1e-5))],
+})
+# every operator the bridge runs: onnx_ops' and the CNN operators above
+SUPPORTED = frozenset(OPS)

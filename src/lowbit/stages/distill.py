@@ -1,0 +1,61 @@
+"""Knowledge distillation: the teacher (the run's original model, or one the user
+names) and the stage that trains the current float model on its outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lowbit.backends.onnx.session import make_session
+from lowbit.backends.onnx.store import FloatModel
+from lowbit.backends.torch.finetune import FinetuneSpec, Teacher, finetune, with_weights
+from lowbit.config import DistillConfig
+from lowbit.errors import ValidationError
+from lowbit.stages.base import RunContext, register
+
+
+def onnx_teacher(fm: FloatModel, *, threads: int = 1) -> Teacher:
+    """The teacher's first output for one run's inputs, computed by ONNX Runtime."""
+    session = make_session(fm, threads=threads)
+    names = [i.name for i in session.get_inputs()]
+
+    def outputs(inputs: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(session.run(None, dict(zip(names, inputs)))[0])
+    return outputs
+
+
+def check_student(teacher: FloatModel, student: FloatModel) -> None:
+    """Refuse a student whose inputs or first output cannot meet the teacher's, naming
+    both shapes (dynamic dimensions match anything)."""
+    def shapes(fm: FloatModel, kind: str) -> list[list[Any]]:
+        values = fm.proto.graph.input if kind == "input" else fm.proto.graph.output
+        init = {t.name for t in fm.proto.graph.initializer}
+        return [[d.dim_value if d.HasField("dim_value") else "?"
+                 for d in v.type.tensor_type.shape.dim] for v in values if v.name not in init]
+
+    t_in, s_in = shapes(teacher, "input"), shapes(student, "input")
+    t_out, s_out = shapes(teacher, "output")[0], shapes(student, "output")[0]
+    if len(t_in) != len(s_in) or any(len(a) != len(b) for a, b in zip(t_in, s_in)):
+        raise ValidationError(f"student: its inputs {s_in} do not match the teacher's {t_in}")
+    if len(t_out) != len(s_out) or any(a != b and "?" not in (a, b)
+                                       for a, b in zip(t_out, s_out)):
+        raise ValidationError(f"student: its output shape {s_out} differs from the teacher's "
+                              f"{t_out}")
+
+
+@register(DistillConfig)
+def distill_stage(config: DistillConfig, ctx: RunContext) -> dict[str, Any]:
+    train = ctx.require_train("distillation")
+    if ctx.teacher is None:
+        ctx.teacher = onnx_teacher(ctx.original, threads=ctx.threads)
+    if not ctx.fine_tune_possible(config.epochs):
+        raise ValidationError(f"distill: cannot train this model ({'; '.join(ctx.notes[-1:])})")
+    spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
+                        batch_size=config.batch_size, masks=ctx.zero_masks(ctx.fm),
+                        shared=dict(ctx.clusters), teacher=ctx.teacher,
+                        distill=config.settings)
+    values = finetune(ctx.fm, train, spec, ctx.epoch_progress("distilling"))
+    ctx.fm = with_weights(ctx.fm, values)
+    return {"epochs": config.epochs, **config.settings.to_dict(),
+            "labels": train.labels is not None}
