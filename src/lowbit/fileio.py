@@ -88,6 +88,7 @@ def _json_default(obj: Any) -> Any:
 NAME_MAX = 255  # bytes in one file name on common file systems
 TEMP_NAME_EXTRA = 14  # atomic_open's temporary name: ".NAME.xxxxxxxx.tmp"
 REPORT_SUFFIX = ".report.json"
+PLOT_SUFFIX = ".report.png"
 
 
 def report_path(output: str | os.PathLike[str]) -> Path:
@@ -95,6 +96,12 @@ def report_path(output: str | os.PathLike[str]) -> Path:
     it, so two outputs in one folder never share (or overwrite) a report."""
     out = Path(output)
     return out.with_name(out.name + REPORT_SUFFIX)
+
+
+def plot_path(output: str | os.PathLike[str]) -> Path:
+    """Where the stage plot of a model written to ``output`` goes: ``OUT.report.png``."""
+    out = Path(output)
+    return out.with_name(out.name + PLOT_SUFFIX)
 
 
 def check_output_path(path: str | os.PathLike[str], inputs: tuple[Any, ...] = (), *,
@@ -117,7 +124,7 @@ def check_output_path(path: str | os.PathLike[str], inputs: tuple[Any, ...] = ()
         raise ValidationError(f"option {option}: the file name is too long ({len(target.name)} "
                               f"characters; at most {NAME_MAX - extra} bytes, to leave room for "
                               "the temporary and report names)")
-    for out in (target, report_path(target)) if report else (target,):
+    for out in (target, report_path(target), plot_path(target)) if report else (target,):
         _check_target(out, inputs, option)
     if suffixes and target.suffix.lower() not in suffixes:
         raise ValidationError(f"option {option}: {target.name} - the extension decides the "

@@ -49,13 +49,21 @@ from lowbit.config import (
 )
 from lowbit.data import Dataset, as_dataset, run_batch, split_holdout
 from lowbit.errors import ValidationError
-from lowbit.fileio import check_output_path, report_path, write_bytes_atomic, write_json_atomic
+from lowbit.fileio import (
+    check_output_path,
+    plot_path,
+    report_path,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from lowbit.model_io import external_data_files, resolve_model
 from lowbit.quant.plan import Treatment
 from lowbit.report.build import build_report, weight_section
+from lowbit.report.stages import compare_stages, plot_stages
 from lowbit.report.verify import check_model
 from lowbit.report.verify import verify as verify_model
 from lowbit.stages.base import ProgressFn, RunContext, handler_for
+from lowbit.stages.checkpoint import Checkpoints, Resumed, fingerprint
 from lowbit.stages.distill import check_student, onnx_teacher
 
 QUANTIZE_CONFIGS = (Int8Config, WeightOnlyConfig, MixedPrecisionConfig, QatConfig)
@@ -70,8 +78,9 @@ class CompressedModel:
 
     def __init__(self, model: onnx.ModelProto, report: dict[str, Any], *, fm: FloatModel,
                  original: FloatModel, lbz: bytes | None = None,
-                 inputs: tuple[Any, ...] = ()) -> None:
+                 inputs: tuple[Any, ...] = (), checkpoints: Checkpoints | None = None) -> None:
         self.model = model
+        self._checkpoints = checkpoints
         self.report = report
         self.fm = fm
         self._original = original
@@ -104,7 +113,13 @@ class CompressedModel:
         if base:
             self.report["output"]["size_ratio"] = round(base / max(1, size), 3)
         if report:
+            rows = self.report.get("stages_compared")
+            if rows and plot_stages(rows, plot_path(out)):
+                self.report["output"]["plot"] = str(plot_path(out))
             write_json_atomic(report_path(out), self.report)
+        if self._checkpoints is not None:  # the output is safe: the checkpoints have served
+            self._checkpoints.remove()
+            self._checkpoints = None
         return out
 
     def run(self, inputs: dict[str, np.ndarray] | np.ndarray, *, threads: int = 1) -> list[Any]:
@@ -160,14 +175,19 @@ def _datasets(fm: FloatModel, data: Any, eval_data: Any, stages: Sequence[StageC
 def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_data: Any = None,
         threads: int = 1, batch: int | None = None, verify: bool = True,
         progress: ProgressFn | None = None, tool: str = "lowbit run",
-        distill: DistillSettings | None = None, teacher: Any = None) -> CompressedModel:
+        distill: DistillSettings | None = None, teacher: Any = None,
+        checkpoints: str | os.PathLike[str] | None = None, resume: bool = False
+        ) -> CompressedModel:
     """Apply ``stages`` in order to ``model`` (ONNX path/proto, .lbz, or torch module).
 
     ``data`` calibrates and fine-tunes; ``eval_data`` verifies (default: the last 20%
     of ``data``, held back from both). ``batch``: the batch the result is timed (and
     chosen) at; default the model's fixed batch, else 8 (``lowbit.layouts``).
     ``distill``: every training stage also learns from the teacher's outputs; the
-    teacher is ``teacher`` (a model as ``model`` may be) or else the original model."""
+    teacher is ``teacher`` (a model as ``model`` may be) or else the original model.
+    ``checkpoints``: a folder where each finished weight stage is saved; ``resume``
+    continues after the last one saved there (refused for another model or stages).
+    A chain of stages is compared stage by stage (report section "stages_compared")."""
     check_stages(stages)
     if distill is not None and not isinstance(distill, DistillSettings):
         raise ValidationError(f"distill: expected DistillSettings, got {type(distill).__name__}")
@@ -213,13 +233,29 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
                             "back 20% of data instead)")
     done: list[tuple[dict[str, Any], dict[str, Any]]] = []
     weights_fm = None  # the float model after the weight stages, before quantizing
-    for config in stages:
+    compare = verify and len(stages) > 1  # a chain: every stage's model is compared
+    snapshots: list[tuple[str, onnx.ModelProto]] = []
+    saved = _checkpoints(checkpoints, resume, fm, stages, distill, teacher, ctx)
+    if saved is not None and saved[1].done:
+        done = list(saved[1].done)
+        snapshots = [(_label(i, c), m) for i, ((c, _), m) in enumerate(zip(done, saved[1].models))]
+        ctx.notes.append(f"resumed after stage {len(done)} ({done[-1][0]['kind']}) from "
+                         f"{saved[0].folder}")
+    for i, config in enumerate(stages[len(done):], len(done)):
         if isinstance(config, QUANTIZE_CONFIGS):
             weights_fm = ctx.fm  # (a quantize stage may smooth ctx.fm for its plan)
         t = time.perf_counter()
         settings = handler_for(config)(config, ctx)
         ctx.seconds[config.kind] = time.perf_counter() - t
+        if isinstance(config, QatConfig):
+            weights_fm = ctx.fm  # QAT trained the float weights it quantizes
         done.append((config.to_dict(), settings))
+        if saved is not None and not isinstance(config, QUANTIZE_CONFIGS):
+            model = saved[0].save(i, ctx, config.to_dict(), settings)
+            if compare:
+                snapshots.append((_label(i, config.to_dict()), model))
+        elif compare and not isinstance(config, QUANTIZE_CONFIGS):
+            snapshots.append((_label(i, config.to_dict()), ctx.fm.joined()))
     weights_fm = weights_fm or ctx.fm
     sections = dict(ctx.sections)
     if ctx.plan is not None:
@@ -255,13 +291,45 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
                                                  "reuses the calibration data")
         if progress is not None:
             progress("verifying", 1, 1)
+    if compare:
+        if progress is not None:
+            progress("comparing stages", 0, 1)
+        if ctx.plan is not None:
+            snapshots.append((_label(len(stages) - 1, done[-1][0]), output))
+        sections["stages_compared"] = compare_stages(
+            original.joined(), snapshots, as_given_dtypes(holdout, given)
+            if given is not None and given.runs_as_given else holdout,
+            threads=threads, batch=batch)
     ctx.seconds["total"] = time.perf_counter() - t0
     report = build_report(tool=tool, name=name, input_size=in_size, stages=done,
                           sections=sections, plan=ctx.plan, notes=ctx.notes,
                           warnings=ctx.warnings, skipped=ctx.skipped, verification=verification,
                           seconds=ctx.seconds)
     return CompressedModel(output, report, fm=weights_fm, original=original, lbz=lbz,
-                           inputs=(model, *external_data_files(model), data, eval_data, teacher))
+                           inputs=(model, *external_data_files(model), data, eval_data, teacher),
+                           checkpoints=saved[0] if saved is not None else None)
+
+
+def _label(index: int, config: dict[str, Any]) -> str:
+    return f"{index + 1}. {config['kind']}"
+
+
+def _checkpoints(folder: Any, resume: bool, fm: FloatModel, stages: Sequence[StageConfig],
+                 distill: DistillSettings | None, teacher: Any, ctx: RunContext
+                 ) -> tuple[Checkpoints, Resumed] | None:
+    """The run's checkpoint folder (None: no checkpoints) and what it restored."""
+    if folder is None:
+        if resume:
+            raise ValidationError("resume: needs a checkpoint folder (checkpoints=...)")
+        return None
+    model_hash, stages_hash = fingerprint(fm.joined(), [c.to_dict() for c in stages], {
+        "distill": distill.to_dict() if distill else None,
+        "teacher": str(teacher) if isinstance(teacher, (str, os.PathLike)) else None})
+    saved = Checkpoints(folder, model_hash, stages_hash)
+    if resume:
+        return saved, saved.resume(ctx)
+    saved.start_fresh()
+    return saved, Resumed()
 
 
 def _verify(working: FloatModel, working_output: onnx.ModelProto, output: onnx.ModelProto,

@@ -56,6 +56,8 @@ def render_report(report: dict[str, Any], console: Console, title: str,
                       f"{lat['float']['p50_ms']:.3f} ms", f"{lat['compressed']['p50_ms']:.3f} ms")
         table.add_row("speedup", "1.00x", speedup_text(lat["speedup"], say_slower=True))
     console.print(table)
+    if report.get("stages_compared"):
+        render_stages(report["stages_compared"], console)
     if "nodes" in report:
         cal = report.get("calibration", {})
         if cal.get("method"):
@@ -85,6 +87,19 @@ def render_report(report: dict[str, Any], console: Console, title: str,
     for note in report.get("warnings", []):
         if note not in flagged:  # (the flags' messages are also in the warnings)
             console.print(f"[yellow]warning:[/yellow] {note}")
+
+
+def render_stages(rows: list[dict[str, Any]], console: Console) -> None:
+    """One row per stage: quality, size (ONNX, .lbz, times smaller), speed vs the original."""
+    table = Table(title="every stage (held-back data; one alternating timing run)")
+    for name in ("stage", "accuracy", "agreement", "ONNX", ".lbz", "smaller (.lbz)", "speed"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    for r in rows:
+        speed = speedup_text(r["speedup"], say_slower=True) if r.get("speedup") else "-"
+        table.add_row(r["stage"], _pct(r.get("accuracy")), _pct(r.get("top1_agreement")),
+                      fmt_bytes(r["onnx_bytes"]), fmt_bytes(r["lbz_bytes"]),
+                      f"{r['lbz_ratio']:.1f}x", speed)
+    console.print(table)
 
 
 def render_bench(result: dict[str, Any], console: Console) -> None:
