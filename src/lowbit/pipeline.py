@@ -33,6 +33,7 @@ from lowbit.backends.onnx.precision import (
 from lowbit.backends.onnx.session import first_output_shape, input_specs_of_model, make_session
 from lowbit.backends.onnx.store import FloatModel, GivenPrecision
 from lowbit.backends.onnx.writer import write_model
+from lowbit.backends.torch.distributed import is_main
 from lowbit.config import (
     ChannelImportance,
     ClusterConfig,
@@ -97,6 +98,8 @@ class CompressedModel:
         a file the run read."""
         out = check_output_path(path, self._inputs, option="path", report=report,
                                 suffixes=(".onnx", ".lbz"))
+        if not is_main():  # under torchrun only process 0 writes
+            return out
         if out.suffix.lower() == ".lbz":
             if self._lbz is None:
                 from lowbit.container import encode
@@ -189,6 +192,7 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     continues after the last one saved there (refused for another model or stages).
     A chain of stages is compared stage by stage (report section "stages_compared")."""
     check_stages(stages)
+    verify = verify and is_main()  # under torchrun, process 0 verifies and writes
     if distill is not None and not isinstance(distill, DistillSettings):
         raise ValidationError(f"distill: expected DistillSettings, got {type(distill).__name__}")
     if teacher is not None and distill is None and not any(isinstance(c, DistillConfig)

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from lowbit.backends.torch.distributed import is_main
 from lowbit.errors import TargetNotMetError
 from lowbit.fileio import report_path
 
@@ -26,7 +27,7 @@ err_console = Console(stderr=True)
 def progress_bar(enabled: bool) -> Any:
     """Yields a callback (stage, done, total) that drives a rich progress bar, shown from
     the first update on (a run refused before any work prints nothing but its error)."""
-    if not enabled:
+    if not enabled or not is_main():  # (under torchrun, process 0 shows the progress)
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -59,6 +60,8 @@ def finish(result: Any, output: Path, show: bool, as_json: bool, require: bool, 
     """Save the result, print its table (or JSON), and apply --require."""
     result.save(output)
     report = result.report
+    if not is_main():  # under torchrun, process 0 speaks for the run
+        return
     if show:
         from lowbit.report.table import render_report
 

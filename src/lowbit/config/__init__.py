@@ -15,7 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from lowbit.config.base import CONFIG_TYPES, StageConfig, TrainingOptions, config_from_dict
+from lowbit.config.base import (
+    CONFIG_TYPES,
+    StageConfig,
+    TrainingOptions,
+    TrainingPrecision,
+    config_from_dict,
+)
 from lowbit.config.training import (
     ActivationRange,
     DistillConfig,
@@ -51,7 +57,7 @@ __all__ = [
     "WeightOnlyConfig", "MixedPrecisionConfig", "PruneConfig", "StructuredPruneConfig",
     "ClusterConfig", "config_from_dict", "parse_enum", "check_run_settings", "RUN_LIMITS",
     "GROUP_SIZES", "QatConfig", "DistillConfig", "DistillSettings", "DistillLoss",
-    "ActivationRange",
+    "ActivationRange", "TrainingOptions", "TrainingPrecision",
 ]
 
 

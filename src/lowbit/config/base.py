@@ -9,7 +9,7 @@ import enum
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
-from lowbit.config.values import check_integer, check_number
+from lowbit.config.values import check_integer, check_number, parse_enum
 from lowbit.errors import ValidationError
 
 CONFIG_TYPES: dict[str, type[StageConfig]] = {}
@@ -67,16 +67,25 @@ def config_from_dict(data: dict[str, Any]) -> StageConfig:
     return CONFIG_TYPES[kind].from_dict(data)
 
 
+class TrainingPrecision(str, enum.Enum):
+    """The arithmetic of fine-tuning: float32, or bfloat16 autocast (weights stay float32)."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 @dataclass(frozen=True)
 class TrainingOptions:
-    """Fine-tuning options shared by the weight stages (0 epochs: post-training)."""
+    """Fine-tuning options shared by the training stages (0 epochs: post-training)."""
 
     epochs: int = 0
     lr: float = 1e-3
     batch_size: int = 32
     seed: int = 0
+    precision: TrainingPrecision = TrainingPrecision.FP32
 
     def _check_training(self) -> None:
         check_integer(self.epochs, "epochs", 0)
         check_number(self.lr, "lr", 0.0, 10.0, lo_open=True)
         check_integer(self.batch_size, "batch_size", 1)
+        self._set("precision", parse_enum(TrainingPrecision, self.precision, "precision"))

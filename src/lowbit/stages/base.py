@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 
 from lowbit.backends.onnx.store import FloatModel
-from lowbit.backends.torch.finetune import Teacher
-from lowbit.config import DistillSettings, StageConfig
+from lowbit.backends.torch.finetune import FinetuneSpec, Teacher
+from lowbit.config import DistillSettings, StageConfig, TrainingOptions, TrainingPrecision
 from lowbit.data import Dataset
 from lowbit.errors import ValidationError
 from lowbit.quant.plan import QuantizationPlan
@@ -108,11 +108,30 @@ class RunContext:
         if unknown:
             raise ValidationError(f"option {option}: no node named {unknown[:5]} in the model")
 
-    def epoch_progress(self, stage: str) -> Callable[[int, int, float], None] | None:
+    def training_spec(self, config: TrainingOptions, fm: FloatModel, **extra: Any
+                      ) -> FinetuneSpec:
+        """The fine-tuning of a training stage: its options, the zeros and shared values
+        of earlier stages kept, and the run's teacher (distillation), if any."""
+        settings: dict[str, Any] = {"masks": self.zero_masks(fm), "shared": dict(self.clusters),
+                                    "teacher": self.teacher, "distill": self.distill}
+        settings.update(extra)
+        return FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
+                            batch_size=config.batch_size,
+                            bf16=config.precision is TrainingPrecision.BF16, **settings)
+
+    def epoch_progress(self, stage: str) -> Callable[[int, int, float], None]:
+        """The per-epoch callback of a training loop: progress, and the loss curve in the
+        report (section "training", by stage)."""
         progress = self.progress
-        if progress is None:
-            return None
-        return lambda done, total, loss: progress(f"{stage} (loss {loss:.3f})", done, total)
+        curve: list[float] = []
+        self.sections.setdefault("training", {})[f"{len(self.sections['training']) + 1}. "
+                                                 f"{stage}"] = curve
+
+        def report(done: int, total: int, loss: float) -> None:
+            curve.append(round(float(loss), 6))
+            if progress is not None:
+                progress(f"{stage} (loss {loss:.3f})", done, total)
+        return report
 
 
 StageFn = Callable[[Any, RunContext], dict[str, Any]]

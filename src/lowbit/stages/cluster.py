@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.backends.torch.finetune import FinetuneSpec, finetune, with_weights
+from lowbit.backends.torch.finetune import finetune, with_weights
 from lowbit.clustering.kmeans import Clustering, kmeans_1d
 from lowbit.config import ClusterConfig
 from lowbit.stages.base import RunContext, register
@@ -30,10 +30,8 @@ def cluster_stage(config: ClusterConfig, ctx: RunContext) -> dict[str, Any]:
         clusters[name] = kmeans_1d(w, config.bits, init=config.init.value, seed=config.seed)
     tune = ctx.fine_tune_possible(config.epochs)
     if tune:
-        spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
-                            batch_size=config.batch_size,
-                            shared={n: (c.codebook, c.indices) for n, c in clusters.items()},
-                            teacher=ctx.teacher, distill=ctx.distill)
+        spec = ctx.training_spec(config, fm, shared={n: (c.codebook, c.indices)
+                                                     for n, c in clusters.items()})
         values = finetune(fm, ctx.require_train("fine-tuning"), spec,
                           ctx.epoch_progress("fine-tuning centroids"))
     else:

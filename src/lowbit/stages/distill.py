@@ -9,7 +9,7 @@ import numpy as np
 
 from lowbit.backends.onnx.session import make_session
 from lowbit.backends.onnx.store import FloatModel
-from lowbit.backends.torch.finetune import FinetuneSpec, Teacher, finetune, with_weights
+from lowbit.backends.torch.finetune import Teacher, finetune, with_weights
 from lowbit.config import DistillConfig
 from lowbit.errors import ValidationError
 from lowbit.stages.base import RunContext, register
@@ -51,10 +51,7 @@ def distill_stage(config: DistillConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.teacher = onnx_teacher(ctx.original, threads=ctx.threads)
     if not ctx.fine_tune_possible(config.epochs):
         raise ValidationError(f"distill: cannot train this model ({'; '.join(ctx.notes[-1:])})")
-    spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
-                        batch_size=config.batch_size, masks=ctx.zero_masks(ctx.fm),
-                        shared=dict(ctx.clusters), teacher=ctx.teacher,
-                        distill=config.settings)
+    spec = ctx.training_spec(config, ctx.fm, distill=config.settings)
     values = finetune(ctx.fm, train, spec, ctx.epoch_progress("distilling"))
     ctx.fm = with_weights(ctx.fm, values)
     return {"epochs": config.epochs, **config.settings.to_dict(),

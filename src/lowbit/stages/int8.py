@@ -59,7 +59,7 @@ def int8_stage(config: Int8Config, ctx: RunContext) -> dict[str, Any]:
         "sqnr_db_by_method": outcome.method_sqnr_db,
         "samples": outcome.calibration_samples,
         "source": calib.source,
-        **outcome.calibration,  # batch, passes, activation MB per sample, selection samples
+        **outcome.calibration,  # batch, passes, threads, activation MB per sample, selection samples
     }
     return {"mode": config.mode.value}
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.backends.onnx.weights import WeightedNode, weighted_nodes
-from lowbit.backends.torch.finetune import FinetuneSpec, MaskUpdate, finetune, steps_per_epoch, with_weights
+from lowbit.backends.torch.finetune import MaskUpdate, finetune, steps_per_epoch, with_weights
 from lowbit.config import ChannelImportance, PruneConfig, PruneScope, StructuredPruneConfig
 from lowbit.errors import ValidationError
 from lowbit.pruning.magnitude import global_masks, layer_mask
@@ -98,11 +98,9 @@ def prune_stage(config: PruneConfig, ctx: RunContext) -> dict[str, Any]:
         masks = {n: m & kept[n] if n in kept else m for n, m in masks.items()}
     weights = {n: w for n, w in weights.items() if n in masks}
     tune = ctx.fine_tune_possible(config.epochs)
-    spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
-                        batch_size=config.batch_size, teacher=ctx.teacher, distill=ctx.distill)
+    spec = ctx.training_spec(config, fm)
     if tune and config.nm is None:  # gradual: masks grow while the weights adapt
         train = ctx.require_train("fine-tuning")
-        spec.masks = kept
         spec.mask_update = _schedule(config, steps_per_epoch(train.num_samples, config.batch_size)
                                      * config.epochs)
         spec.mask_layers = list(weights)
@@ -138,9 +136,7 @@ def structured_prune_stage(config: StructuredPruneConfig, ctx: RunContext) -> di
         fold_batchnorm(result)  # BN was kept for its gammas; the rest of the run wants it folded
     tune = ctx.fine_tune_possible(config.epochs)
     if tune:
-        spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
-                            batch_size=config.batch_size, masks=ctx.zero_masks(result),
-                            teacher=ctx.teacher, distill=ctx.distill)
+        spec = ctx.training_spec(config, result)
         values = finetune(result, ctx.require_train("fine-tuning"), spec,
                           ctx.epoch_progress("fine-tuning"))
         result = with_weights(result, values)

@@ -25,12 +25,13 @@ import numpy as np
 
 from lowbit.backends.onnx.graph import GraphIndex, node_name
 from lowbit.backends.onnx.quantize import fill_activations, quantize_int8
+from lowbit.backends.torch.distributed import from_main
 from lowbit.backends.torch.fake_quant import (
     BiasFakeQuant,
     WeightFakeQuant,
     make_activation_fake_quant,
 )
-from lowbit.backends.torch.finetune import FinetuneSpec, finetune, with_weights
+from lowbit.backends.torch.finetune import finetune, with_weights
 from lowbit.config import ActivationRange, Int8Config, QatConfig, QuantMode
 from lowbit.quant.plan import QuantizationPlan, Treatment
 from lowbit.quant.scheme import Granularity, TensorQuantParams
@@ -55,6 +56,9 @@ def qat_stage(config: QatConfig, ctx: RunContext) -> dict[str, Any]:
     calib = train.take(0, int8.max_calibration_samples)
     outcome = quantize_int8(ctx.fm, calib, int8, progress=ctx.progress, threads=ctx.threads,
                             batch=ctx.batch)
+    chosen = from_main(outcome.variant)  # under torchrun every process trains one plan
+    if chosen != outcome.variant:
+        outcome = quantize_int8(ctx.fm, calib, int8, threads=ctx.threads, variant=chosen)
     plan = outcome.plan
     reduce = bool(plan.metadata.get("reduce_range"))
     quants = weight_fake_quants(plan, config, reduce, set(ctx.clusters))
@@ -64,12 +68,8 @@ def qat_stage(config: QatConfig, ctx: RunContext) -> dict[str, Any]:
     if tune:
         hooks = activation_fake_quants(plan, fm, learned=config.activation_range is
                                        ActivationRange.LEARNED)
-        spec = FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
-                            batch_size=config.batch_size, masks=ctx.zero_masks(fm),
-                            shared=dict(ctx.clusters),
-                            weight_transforms={**quants, **bias_fake_quants(plan, fm, quants,
-                                                                            hooks)},
-                            tensor_hooks=hooks, teacher=ctx.teacher, distill=ctx.distill)
+        spec = ctx.training_spec(config, fm, tensor_hooks=hooks, weight_transforms={
+            **quants, **bias_fake_quants(plan, fm, quants, hooks)})
         values = finetune(fm, train, spec, ctx.epoch_progress("quantization-aware training"))
         fm = with_weights(fm, values)
     activations = {t: hooks[t].export_params() if t in hooks else plan.tensors[t]

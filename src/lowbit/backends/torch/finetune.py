@@ -29,6 +29,7 @@ import numpy as np
 
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.backends.torch.distill import distill_loss
+from lowbit.backends.torch.distributed import shard, sum_over_processes, world, wrap
 from lowbit.backends.torch.from_onnx import build_torch_module
 from lowbit.config.training import DistillSettings
 from lowbit.data import Dataset
@@ -53,6 +54,7 @@ class FinetuneSpec:
     tensor_hooks: dict[str, Any] = field(default_factory=dict)  # tensor name -> torch module
     teacher: Teacher | None = None
     distill: DistillSettings | None = None
+    bf16: bool = False  # bfloat16 autocast for the forward and backward passes
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -67,8 +69,10 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
         raise DataError(f"{train.source}: fine-tuning needs labels ('y')")
     torch.manual_seed(spec.seed)
     module, external, codebooks = _module(fm, spec)
-    opt = torch.optim.Adam(list(module.parameters()) + list(external.values())
-                           + [c for c, _ in codebooks.values()], lr=spec.lr, foreach=True)
+    trainable = _container(module, external, codebooks)
+    rank, size = world()
+    model = wrap(trainable)  # DistributedDataParallel under torchrun
+    opt = torch.optim.Adam(trainable.parameters(), lr=spec.lr, foreach=True)
     masks = {k: torch.from_numpy(np.asarray(v, dtype=bool)) for k, v in spec.masks.items()}
     xs = [torch.from_numpy(np.ascontiguousarray(v)) for v in train.inputs.values()]
     y = None if train.labels is None else torch.from_numpy(np.ascontiguousarray(train.labels))
@@ -82,26 +86,28 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
     n, step = train.num_samples, 0
     params = _Weights(module, external)
     params.mask(masks)
-    module.train()
+    model.train()
     for epoch in range(spec.epochs):
         order = torch.from_numpy(rng.permutation(n))
         total = 0.0
         for start in range(0, n, spec.batch_size):
             if spec.mask_update is not None:
                 _update_masks(params, masks, spec.mask_update, spec.mask_layers, step)
-            idx = order[start : start + spec.batch_size]
+            idx = shard(order[start : start + spec.batch_size], rank, size)
             opt.zero_grad(set_to_none=True)
             runs = _runs(train, xs, y, idx)
             for inputs, target in runs:  # gradients summed; the loss is their mean
-                out = module(*inputs)[0]
-                loss = _loss(out, target, inputs, spec, settings, classify, train.whole)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+                    out = model(*inputs)[0]
+                    loss = _loss(out.float(), target, inputs, spec, settings, classify,
+                                 train.whole)
                 (loss if len(runs) == 1 else loss / len(runs)).backward()
                 total += loss.item() * len(idx) / len(runs)
             opt.step()
             params.mask(masks)
             step += 1
         if progress is not None:
-            progress(epoch + 1, spec.epochs, total / n)
+            progress(epoch + 1, spec.epochs, sum_over_processes(total) / n)
     module.eval()
     values = module.parameter_values()
     values.update({name: p.detach().numpy().copy() for name, p in external.items()})
@@ -111,6 +117,24 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
         if name in values:
             values[name] = np.where(mask.numpy(), values[name], np.float32(0)).astype(np.float32)
     return values
+
+
+def _container(module: Any, external: dict[str, Any], codebooks: dict[str, Any]) -> Any:
+    """One module that owns every trained tensor (the bridge's parameters and its hooks',
+    the overridden weights, the codebooks), so one optimizer and DDP see them all."""
+    import torch
+
+    class Trainable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bridge = module
+            self.overridden = torch.nn.ParameterList(list(external.values()))
+            self.codebooks = torch.nn.ParameterList([c for c, _ in codebooks.values()])
+
+        def forward(self, *inputs: Any) -> Any:
+            return self.bridge(*inputs)
+
+    return Trainable()
 
 
 def _module(fm: FloatModel, spec: FinetuneSpec) -> tuple[Any, dict[str, Any], dict[str, Any]]:
