@@ -165,3 +165,39 @@ def test_qat_options_are_checked_before_any_work(cnn, digits):
         QatConfig(layer_bits={"conv": 9})
     with pytest.raises(ValidationError, match="layer_bits: no node named"):
         run(cnn, [QatConfig(layer_bits={"nope": 4})], data=(x_tr, y_tr))
+
+
+def _gpt_tokens(rng, n: int, t: int) -> np.ndarray:
+    """Repeating token patterns (period 2-5) of a 32-token vocabulary."""
+    out = np.empty((n, t), np.int64)
+    for i in range(n):
+        pattern = rng.integers(0, 32, rng.integers(2, 6))
+        out[i] = np.resize(pattern, t)
+    return out
+
+
+def test_weight_only_qat_of_a_gpt_distilled_from_the_float_model_beats_round_to_nearest():
+    from lowbit.metrics import sqnr_db
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    module = models.tiny_gpt(vocab=32, d_model=32, heads=2, layers=1, max_len=16)
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    for _ in range(60):  # realistic weights: learn to continue the patterns
+        ids = torch.as_tensor(_gpt_tokens(rng, 32, 13))
+        loss = torch.nn.functional.cross_entropy(module(ids[:, :-1]).reshape(-1, 32),
+                                                 ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gpt = export_module(module.eval(), _gpt_tokens(rng, 2, 12), dynamic_dims=(0, 1))
+    train, test = _gpt_tokens(rng, 256, 12), _gpt_tokens(rng, 64, 12)
+    reference = _ort(gpt, test)
+    sqnr = {}
+    for epochs in (0, 3):
+        result = run(gpt, [QatConfig(scheme="weight-only", weight_bits=2, group_size=16,
+                                     epochs=epochs, lr=2e-3)], data=train, verify=False,
+                     distill=DistillSettings(loss="mse"))
+        assert {n.op_type for n in result.model.graph.node} >= {"MatMulNBits"}
+        sqnr[epochs] = sqnr_db(reference, _ort(result.model, test))
+    assert sqnr[3] > sqnr[0] + 1.0, sqnr

@@ -28,6 +28,7 @@ from lowbit.config.training import (
     DistillLoss,
     DistillSettings,
     QatConfig,
+    QatScheme,
 )
 from lowbit.config.values import (
     GROUP_SIZES,
@@ -57,7 +58,7 @@ __all__ = [
     "WeightOnlyConfig", "MixedPrecisionConfig", "PruneConfig", "StructuredPruneConfig",
     "ClusterConfig", "config_from_dict", "parse_enum", "check_run_settings", "RUN_LIMITS",
     "GROUP_SIZES", "QatConfig", "DistillConfig", "DistillSettings", "DistillLoss",
-    "ActivationRange", "TrainingOptions", "TrainingPrecision",
+    "ActivationRange", "TrainingOptions", "TrainingPrecision", "QatScheme",
 ]
 
 

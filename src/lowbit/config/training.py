@@ -13,6 +13,7 @@ from lowbit.config.values import (
     QuantMode,
     WeightGranularity,
     check_bool,
+    check_group_size,
     check_integer,
     check_names,
     check_number,
@@ -29,6 +30,14 @@ class ActivationRange(str, enum.Enum):
     LEARNED = "learned"  # scale and zero point learned by gradient (LSQ+)
 
 
+class QatScheme(str, enum.Enum):
+    """What QAT quantizes: the INT8 plan (weights at ``weight_bits`` in INT8 kernels,
+    8-bit activations), or weights only (group-wise, MatMulNBits) for transformers."""
+
+    INT8 = "int8"
+    WEIGHT_ONLY = "weight-only"
+
+
 class DistillLoss(str, enum.Enum):
     AUTO = "auto"  # kl for class outputs with labels, else mse
     KL = "kl"  # Hinton: soft targets at temperature T, scaled by T^2
@@ -42,12 +51,15 @@ class QatConfig(TrainingOptions, StageConfig):
     fine-tuning with fake-quantized weights and activations; the trained weights and
     ranges are what the model is written with. ``weight_bits`` below 8 (W4A8 ...) keeps
     the INT8 kernels and stores weights on the coarser grid; ``layer_bits`` sets it per
-    node. ``epochs`` 0: post-training quantization at those bits."""
+    node. ``scheme`` weight-only: group-wise low-bit MatMul/Gemm weights (MatMulNBits),
+    float activations. ``epochs`` 0: post-training quantization at those bits."""
 
     kind: ClassVar[str] = "quantize-qat"
     trains: ClassVar[bool] = True
     epochs: int = 2
     lr: float = 1e-4
+    scheme: QatScheme = QatScheme.INT8
+    group_size: int = 128  # weight-only: weights per scale along the input axis
     mode: QuantMode = QuantMode.AUTO
     weight_bits: int = 8
     layer_bits: tuple[tuple[str, int], ...] = ()
@@ -62,6 +74,8 @@ class QatConfig(TrainingOptions, StageConfig):
     def __post_init__(self) -> None:
         self._check_training()
         self._set("mode", parse_enum(QuantMode, self.mode, "mode"))
+        self._set("scheme", parse_enum(QatScheme, self.scheme, "scheme"))
+        check_group_size(self.group_size)
         self._set("activation_range", parse_enum(ActivationRange, self.activation_range,
                                                  "activation_range"))
         self._set("calibration", parse_enum(CalibrationMethod, self.calibration, "calibration"))
@@ -77,6 +91,9 @@ class QatConfig(TrainingOptions, StageConfig):
         for name, bits in pairs:
             check_integer(bits, f"layer_bits[{name}]", 2, 8)
         self._set("layer_bits", pairs)
+        if pairs and self.scheme is QatScheme.WEIGHT_ONLY:
+            raise ValidationError("option layer_bits: applies to scheme int8; weight-only QAT "
+                                  "uses weight_bits for every layer")
         self._set("exclude_nodes", check_names(self.exclude_nodes, "exclude_nodes"))
         check_bool(self.reduce_range, "reduce_range", optional=True)
         check_integer(self.max_calibration_samples, "max_calibration_samples", 1)

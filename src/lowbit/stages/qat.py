@@ -25,6 +25,7 @@ import numpy as np
 
 from lowbit.backends.onnx.graph import GraphIndex, node_name
 from lowbit.backends.onnx.quantize import fill_activations, quantize_int8
+from lowbit.backends.onnx.weight_only import layer_group_size, linear_layers, plan_weight_only
 from lowbit.backends.torch.distributed import from_main
 from lowbit.backends.torch.fake_quant import (
     BiasFakeQuant,
@@ -32,7 +33,15 @@ from lowbit.backends.torch.fake_quant import (
     make_activation_fake_quant,
 )
 from lowbit.backends.torch.finetune import finetune, with_weights
-from lowbit.config import ActivationRange, Int8Config, QatConfig, QuantMode
+from lowbit.config import (
+    ActivationRange,
+    Int8Config,
+    QatConfig,
+    QatScheme,
+    QuantMode,
+    WeightOnlyAlgorithm,
+    WeightOnlyConfig,
+)
 from lowbit.quant.plan import QuantizationPlan, Treatment
 from lowbit.quant.scheme import Granularity, TensorQuantParams
 from lowbit.quant.weight_rules import weight_bits
@@ -52,6 +61,8 @@ def ptq_config(config: QatConfig) -> Int8Config:
 def qat_stage(config: QatConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.check_node_names(tuple(n for n, _ in config.layer_bits), "layer_bits")
     train = ctx.require_train("quantization-aware training")
+    if config.scheme is QatScheme.WEIGHT_ONLY:
+        return weight_only_qat(config, ctx, train)
     int8 = ptq_config(config)
     calib = train.take(0, int8.max_calibration_samples)
     outcome = quantize_int8(ctx.fm, calib, int8, progress=ctx.progress, threads=ctx.threads,
@@ -94,6 +105,36 @@ def qat_stage(config: QatConfig, ctx: RunContext) -> dict[str, Any]:
                          "(ONNX Runtime's integer kernels take 8-bit weights); .lbz stores them "
                          "at their bit width")
     return {"mode": config.mode.value, "variant": outcome.variant.name}
+
+
+def weight_only_qat(config: QatConfig, ctx: RunContext, train: Any) -> dict[str, Any]:
+    """Group-wise low-bit weights (round to nearest, symmetric) fake quantized while the
+    model trains (on labels, or on the teacher's outputs), then planned again from the
+    trained weights: the written codes are the ones training saw."""
+    wo = WeightOnlyConfig(bits=config.weight_bits, group_size=config.group_size,
+                          algorithm=WeightOnlyAlgorithm.RTN, symmetric=True,
+                          exclude_nodes=config.exclude_nodes)
+    plan = plan_weight_only(ctx.fm, wo, None, threads=ctx.threads)
+    items = {w.name: w for w in linear_layers(ctx.fm, config.exclude_nodes)[0]}
+    quants = {}
+    for node in plan.nodes_with(Treatment.WEIGHT_ONLY):
+        item = items.get(node.name)
+        if item is None or node.weight is None:
+            continue  # (an embedding table: planned again from the trained weights)
+        k = int(np.asarray(ctx.fm.constant(node.weight)).shape[item.in_axis])
+        quants[node.weight] = WeightFakeQuant(config.weight_bits, Granularity.GROUP,
+                                              item.in_axis, layer_group_size(k, config.group_size))
+    tune = ctx.fine_tune_possible(config.epochs)
+    if tune:
+        spec = ctx.training_spec(config, ctx.fm, weight_transforms=dict(quants))
+        values = finetune(ctx.fm, train, spec, ctx.epoch_progress("weight-only QAT"))
+        ctx.fm = with_weights(ctx.fm, values)
+        plan = plan_weight_only(ctx.fm, wo, None, threads=ctx.threads)
+    ctx.plan, ctx.written = plan, None
+    ctx.sections["qat"] = {"scheme": config.scheme.value, "epochs": config.epochs if tune else 0,
+                           "weight_bits": config.weight_bits, "group_size": config.group_size,
+                           "fake_quantized_weights": len(quants)}
+    return {"scheme": config.scheme.value, "bits": config.weight_bits}
 
 
 def weight_fake_quants(plan: QuantizationPlan, config: QatConfig, reduce_range: bool,
