@@ -12,17 +12,20 @@ from typing import Any
 
 import onnx
 
+from lowbit.autosearch import search_compression
 from lowbit.config import (
     ClusterConfig,
+    DistillConfig,
     Int8Config,
     MixedPrecisionConfig,
     PruneConfig,
+    QatConfig,
     StageConfig,
     StructuredPruneConfig,
     WeightOnlyConfig,
     check_run_settings,
 )
-from lowbit.errors import ValidationError
+from lowbit.errors import DataError, ValidationError
 from lowbit.fileio import input_file
 from lowbit.model_io import read_any
 from lowbit.pipeline import CompressedModel, run
@@ -31,7 +34,8 @@ from lowbit.stages.base import ProgressFn
 PLAN_MAX_BYTES = 64 * 2**20
 
 __all__ = ["quantize", "prune", "cluster", "compress", "sensitivity", "read_mixed_plan",
-           "evaluate", "bench", "inspect_model", "load", "run", "CompressedModel"]
+           "evaluate", "bench", "inspect_model", "load", "run", "CompressedModel",
+           "search_compression"]
 
 
 def _quantize_config(mode: str | None, calibration: str | None, bits: int | None,
@@ -125,20 +129,72 @@ def cluster(model: Any, data: Any = None, *, bits: int, epochs: int = 0, lr: flo
                progress=progress, tool="lowbit cluster")
 
 
-def compress(model: Any, data: Any = None, *, sparsity: float = 0.9, bits: int = 5,
-             epochs: int = 0, cluster_epochs: int | None = None, lr: float = 1e-3,
-             eval_data: Any = None, scope: str = "global", seed: int = 0, threads: int = 1,
+def compress(model: Any, data: Any = None, *, recipe: Any = None, sparsity: float | None = None,
+             bits: int | None = None, epochs: int | None = None, cluster_epochs: int | None = None,
+             lr: float | None = None, eval_data: Any = None, scope: str | None = None,
+             seed: int | None = None, student: Any = None, checkpoints: Any = None,
+             resume: bool = False, threads: int = 1, batch: int | None = None,
              progress: ProgressFn | None = None) -> CompressedModel:
-    """Deep Compression: prune (gradually, with data), then cluster (centroids fine-tuned
-    at a tenth of ``lr``), in one run; save as ``.lbz`` for the small file.
+    """Compress with a ``recipe`` (a built-in name such as ``"edge"``, a YAML file, or a
+    ``Recipe``: its stages in order over one model), or without one Deep Compression:
+    prune ``sparsity`` (gradually, with data), then cluster to ``bits`` (centroids
+    fine-tuned at a tenth of ``lr``); save as ``.lbz`` for the small file.
+
+    ``student``: a smaller model to compress instead, taught by ``model`` (distillation
+    on in every training stage). ``checkpoints``: a folder where each finished stage is
+    saved; ``resume`` continues after the last one there.
 
     >>> cm = compress("lenet.onnx", "train.npz", sparsity=0.95, bits=5, epochs=30)  # doctest: +SKIP
+    >>> cm = compress("cnn.onnx", "train.npz", recipe="edge", eval_data="val.npz")  # doctest: +SKIP
     """
-    stages = [PruneConfig(sparsity=sparsity, scope=scope, epochs=epochs, lr=lr, seed=seed),
-              ClusterConfig(bits=bits, epochs=epochs if cluster_epochs is None else cluster_epochs,
-                            lr=lr / 10, seed=seed)]
-    return run(model, stages, data=data, eval_data=eval_data, threads=threads,
-               progress=progress, tool="lowbit compress")
+    from lowbit.config.recipe import load_recipe
+
+    options = {"sparsity": sparsity, "bits": bits, "epochs": epochs,
+               "cluster_epochs": cluster_epochs, "lr": lr, "scope": scope, "seed": seed}
+    distill = None
+    if recipe is not None:
+        given = [k for k, v in options.items() if v is not None]
+        if given:
+            raise ValidationError(f"option {', '.join(given)}: does not apply with a recipe (the "
+                                  "recipe sets its stages' options)")
+        loaded = load_recipe(recipe)
+        stages, distill = list(loaded.stages), loaded.distill
+        if data is None:
+            _refuse_without_data(loaded.name, stages)
+        tool = f"lowbit compress (recipe {loaded.name})"
+    else:
+        lr = 1e-3 if lr is None else lr
+        epochs = 0 if epochs is None else epochs
+        stages = [PruneConfig(sparsity=0.9 if sparsity is None else sparsity,
+                              scope=scope or "global", epochs=epochs, lr=lr, seed=seed or 0),
+                  ClusterConfig(bits=5 if bits is None else bits,
+                                epochs=epochs if cluster_epochs is None else cluster_epochs,
+                                lr=lr / 10, seed=seed or 0)]
+        tool = "lowbit compress"
+    if not isinstance(resume, bool):
+        raise ValidationError(f"resume: expected true or false, got {resume!r}")
+    target, teacher = (model, None) if student is None else (student, model)
+    result = run(target, stages, data=data, eval_data=eval_data, threads=threads, batch=batch,
+                 progress=progress, tool=tool, distill=distill, teacher=teacher,
+                 checkpoints=checkpoints, resume=resume)
+    if recipe is not None:
+        result.report["recipe"] = {"name": loaded.name, "description": loaded.description,
+                                   "distill": loaded.to_dict()["distill"],
+                                   "stages": [c.kind for c in loaded.stages]}
+    return result
+
+
+def _refuse_without_data(recipe: str, stages: list[StageConfig]) -> None:
+    """Name the first stage of a recipe that cannot run without data."""
+    for i, config in enumerate(stages, 1):
+        epochs = getattr(config, "epochs", 0)
+        if epochs > 0:
+            need = f"fine-tunes for {epochs} epoch(s) and needs data with labels (--data)"
+        elif isinstance(config, (Int8Config, MixedPrecisionConfig, QatConfig, DistillConfig)):
+            need = "calibrates and verifies on data (--data)"
+        else:
+            continue
+        raise DataError(f"recipe {recipe}: stage {i} ({config.kind}) {need}")
 
 
 def read_mixed_plan(path: str | os.PathLike[str]) -> MixedPrecisionConfig:

@@ -365,3 +365,19 @@ def split_holdout(data: Dataset, fraction: float = 0.2) -> tuple[Dataset, Datase
     work, held = data.take(0, n - hold), data.take(n - hold, n)
     held.source = f"{data.source} (last {hold} samples, held back from calibration/training)"
     return work, held, True
+
+
+def digits_resized(side: int = 28, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``digits_split`` with each 8x8 image resized (bilinear) to ``side`` x ``side``, as
+    the classic 28x28 digit tutorials see their images: x is (N, 1, side, side) in [0, 1]."""
+    import torch
+
+    x_tr, y_tr, x_te, y_te = digits_split(seed)
+
+    def resize(x: np.ndarray) -> np.ndarray:
+        big = torch.nn.functional.interpolate(torch.from_numpy(x), size=(side, side),
+                                              mode="bilinear", align_corners=False)
+        return np.ascontiguousarray(big.clamp(0.0, 1.0).numpy(), dtype=np.float32)
+
+    return resize(x_tr), y_tr, resize(x_te), y_te

@@ -18,15 +18,17 @@ def _nn() -> Any:
     return nn
 
 
-def digits_cnn() -> Any:
-    """Conv2D(32, 3x3, relu) -> MaxPool(2) -> Flatten -> Dense(10) on (N, 1, 8, 8)."""
+def digits_cnn(side: int = 8) -> Any:
+    """Conv2D(32, 3x3, relu) -> MaxPool(2) -> Flatten -> Dense(10) on (N, 1, side, side)
+    (the classic tutorial's model at side 28)."""
     nn = _nn()
+    pooled = (side - 2) // 2
     return nn.Sequential(
-        nn.Conv2d(1, 32, kernel_size=3),  # (N, 32, 6, 6)
+        nn.Conv2d(1, 32, kernel_size=3),  # (N, 32, side-2, side-2)
         nn.ReLU(),
-        nn.MaxPool2d(2),  # (N, 32, 3, 3)
-        nn.Flatten(),  # (N, 288)
-        nn.Linear(32 * 3 * 3, 10),
+        nn.MaxPool2d(2),  # (N, 32, pooled, pooled)
+        nn.Flatten(),  # (N, 32 * pooled^2)
+        nn.Linear(32 * pooled * pooled, 10),
     )
 
 

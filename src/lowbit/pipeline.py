@@ -36,18 +36,16 @@ from lowbit.backends.onnx.writer import write_model
 from lowbit.backends.torch.distributed import is_main
 from lowbit.config import (
     ChannelImportance,
-    ClusterConfig,
     DistillConfig,
     DistillSettings,
     Int8Config,
     MixedPrecisionConfig,
-    PruneConfig,
     QatConfig,
     StageConfig,
     StructuredPruneConfig,
-    WeightOnlyConfig,
     check_run_settings,
 )
+from lowbit.config.order import QUANTIZE_CONFIGS, order_problem
 from lowbit.data import Dataset, as_dataset, run_batch, split_holdout
 from lowbit.errors import ValidationError
 from lowbit.fileio import (
@@ -67,7 +65,6 @@ from lowbit.stages.base import ProgressFn, RunContext, handler_for
 from lowbit.stages.checkpoint import Checkpoints, Resumed, fingerprint
 from lowbit.stages.distill import check_student, onnx_teacher
 
-QUANTIZE_CONFIGS = (Int8Config, WeightOnlyConfig, MixedPrecisionConfig, QatConfig)
 HOLDOUT_FRACTION = 0.2
 
 
@@ -144,14 +141,9 @@ def check_stages(stages: Sequence[StageConfig]) -> None:
             raise ValidationError(f"a stage must be a config such as PruneConfig, not "
                                   f"{type(config).__name__}")
         handler_for(config)
-    quant = [i for i, c in enumerate(stages) if isinstance(c, QUANTIZE_CONFIGS)]
-    if len(quant) > 1 or (quant and quant[0] != len(stages) - 1):
-        raise ValidationError("a run quantizes at most once, as its last stage")
-    clustered = [i for i, c in enumerate(stages) if isinstance(c, ClusterConfig)]
-    pruned = [i for i, c in enumerate(stages) if isinstance(c, (PruneConfig, StructuredPruneConfig))]
-    if clustered and pruned and max(pruned) > min(clustered):
-        raise ValidationError("prune before clustering: pruning a clustered model would undo "
-                              "its shared values (stage order)")
+    problem = order_problem(stages)
+    if problem is not None:
+        raise ValidationError(f"stages: {problem[1]}")
 
 
 def _datasets(fm: FloatModel, data: Any, eval_data: Any, stages: Sequence[StageConfig]
@@ -300,10 +292,11 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
             progress("comparing stages", 0, 1)
         if ctx.plan is not None:
             snapshots.append((_label(len(stages) - 1, done[-1][0]), output))
+        last = snapshots[-1][0] if snapshots else ""
         sections["stages_compared"] = compare_stages(
             original.joined(), snapshots, as_given_dtypes(holdout, given)
             if given is not None and given.runs_as_given else holdout,
-            threads=threads, batch=batch)
+            threads=threads, batch=batch, lbz_bytes={last: len(lbz)} if lbz else None)
     ctx.seconds["total"] = time.perf_counter() - t0
     report = build_report(tool=tool, name=name, input_size=in_size, stages=done,
                           sections=sections, plan=ctx.plan, notes=ctx.notes,

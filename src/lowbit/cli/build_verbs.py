@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from lowbit.cli import compress_verb
 from lowbit.cli.common import (
     app,
     check_output,
@@ -222,34 +223,7 @@ def cluster(
     finish(cm, output, show, as_json, require, "original vs clustered")
 
 
-@app.command()
-def compress(
-    model: Path = typer.Argument(..., help="Float ONNX model."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .lbz (or .onnx)."),
-    sparsity: float = typer.Option(0.9, help="Weights to prune, [0, 1)."),
-    bits: int = typer.Option(5, help="Bits per shared value, 1..8."),
-    data: Path | None = typer.Option(None, "--data", help=".npz training data (x, y)."),
-    eval_data: Path | None = typer.Option(None, "--eval-data", help=".npz evaluation data."),
-    epochs: int = typer.Option(0, help="Fine-tuning epochs for each stage."),
-    lr: float = typer.Option(1e-3, help="Learning rate (centroids use a tenth)."),
-    threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
-    require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a degradation."),
-    quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-) -> None:
-    """Prune + cluster + encode (Deep Compression) into a small .lbz file.
-
-    Example: lowbit compress lenet.onnx -o lenet.lbz --sparsity 0.95 --bits 5 --data train.npz --epochs 10
-    """
-    from lowbit.api import compress as api_compress
-
-    check_output(output, model, data, eval_data)
-    show = not quiet and not as_json
-    with progress_bar(show) as update:
-        cm = api_compress(str(model), str(data) if data else None, sparsity=sparsity, bits=bits,
-                          epochs=epochs, lr=lr, threads=threads,
-                          eval_data=str(eval_data) if eval_data else None, progress=update)
-    finish(cm, output, show, as_json, require, "original vs compressed")
+app.command(name="compress")(compress_verb.compress)  # its own file; listed here, in order
 
 
 @app.command()

@@ -102,6 +102,7 @@ def cli_message(message: str) -> str:
 
 
 REPEATABLE = frozenset({"--exclude"})
+_SAME_OPTION = {"-o": "--output", "--val": "--eval-data"}  # two spellings of one option
 
 
 def repeated_options(args: list[str]) -> str | None:
@@ -113,7 +114,7 @@ def repeated_options(args: list[str]) -> str | None:
         name = arg.split("=", 1)[0]
         if not name.startswith("-") or name in REPEATABLE or _is_number(name):
             continue
-        name = "--output" if name == "-o" else name
+        name = _SAME_OPTION.get(name, name)
         if name in seen:
             return name
         seen.add(name)

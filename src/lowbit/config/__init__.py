@@ -234,9 +234,13 @@ class StructuredPruneConfig(TrainingOptions, StageConfig):
     importance: ChannelImportance = ChannelImportance.L1
     min_channels: int = 1
     layers: tuple[str, ...] = field(default_factory=tuple)
+    # Conv channels kept in multiples of this (ONNX Runtime's fast layout); 0: this CPU's
+    # block (8, or 16 with AVX-512), 1: exactly the sparsity
+    channel_multiple: int = 0
 
     def __post_init__(self) -> None:
         check_number(self.sparsity, "sparsity", 0.0, 1.0, hi_open=True)
+        check_integer(self.channel_multiple, "channel_multiple", 0, 64)
         self._set("importance", parse_enum(ChannelImportance, self.importance, "importance"))
         check_integer(self.min_channels, "min_channels", 1)
         self._set("layers", check_names(self.layers, "layers"))

@@ -31,16 +31,11 @@ import yaml
 
 from lowbit.config import (
     CONFIG_TYPES,
-    ClusterConfig,
     DistillSettings,
-    Int8Config,
-    MixedPrecisionConfig,
-    PruneConfig,
-    QatConfig,
     StageConfig,
-    StructuredPruneConfig,
-    WeightOnlyConfig,
 )
+from lowbit.config.order import order_problem
+from lowbit.config.recipe_yaml import Where, compose, mapping, node_value
 from lowbit.errors import ValidationError
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_text", "builtin_recipes", "builtin_recipe_text",
@@ -56,7 +51,6 @@ STAGE_ALIASES = {
     "weight-only": "quantize-weight-only", "mixed": "quantize-mixed",
     "mixed-precision": "quantize-mixed", "qat": "quantize-qat", "distillation": "distill",
 }
-_QUANTIZE = (Int8Config, WeightOnlyConfig, MixedPrecisionConfig, QatConfig)
 _OPTION = re.compile(r"\boption (\w+)")
 
 
@@ -124,7 +118,7 @@ description: remove half the channels, prune 80%, share 16 values, INT8 QAT; dis
 distill: {temperature: 4, alpha: 0.7}
 stages:
   - prune-structured: {sparsity: 0.5, epochs: 2, lr: 0.001}
-  - prune: {sparsity: 0.8, epochs: 3, lr: 0.001}
+  - prune: {sparsity: 0.8, scope: global, epochs: 3, lr: 0.001}
   - cluster: {bits: 4, epochs: 1, lr: 0.0001}
   - quantize-qat: {epochs: 2, lr: 0.0001}
 """,
@@ -178,14 +172,14 @@ def load_recipe(recipe: str | os.PathLike[str] | Recipe) -> Recipe:
 def recipe_from_text(text: str, source: str = "<recipe>", *, name: str = "recipe") -> Recipe:
     """Parse and check a recipe's YAML; ``source`` names it in errors, ``name`` is the
     recipe's name when the text gives none."""
-    root = _compose(text, source)
-    where = _Where(source)
+    root = compose(text, source)
+    where = Where(source)
     if root is None:
         raise ValidationError(f"{source}: empty recipe; it needs a list of stages")
     if not isinstance(root, yaml.MappingNode):
         raise ValidationError(f"{where(root)}: a recipe is a mapping with the keys "
                               f"{', '.join(TOP_LEVEL_KEYS)}")
-    top = _mapping(root, where, "recipe")
+    top = mapping(root, where, "recipe")
     unknown = [k for k in top if k not in TOP_LEVEL_KEYS]
     if unknown:
         key_node = top[unknown[0]][0]
@@ -208,112 +202,23 @@ def recipe_from_text(text: str, source: str = "<recipe>", *, name: str = "recipe
     return Recipe(name=name, stages=stages, distill=distill, description=description)
 
 
-class _Where:
-    """``FILE:LINE`` of a YAML node (lines counted from 1)."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def __call__(self, node: yaml.Node) -> str:
-        return f"{self.source}:{node.start_mark.line + 1}"
-
-
-class _Loader(yaml.SafeLoader):
-    """The safe loader, plus YAML 1.2 floats without a dot (``1e-4``; YAML 1.1, and so
-    PyYAML, reads them as strings, a surprise for a learning rate)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-
-
-_SAFE_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
-                       ("str", "int", "float", "bool", "null", "map", "seq"))
-
-
-def _compose(text: str, source: str) -> yaml.Node | None:
-    loader = _Loader(text)
-    try:
-        root = loader.get_single_node()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ValidationError(f"{source}{line}: not valid YAML: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ValidationError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
-    finally:
-        loader.dispose()
-    _check_tags(root, _Where(source))
-    return root
-
-
-def _check_tags(root: yaml.Node | None, where: _Where) -> None:
-    """Plain data only: no ``!!python/...`` or other explicit tags, no merge keys
-    (the safe loader would refuse most of them, with a less clear message)."""
-    seen: set[int] = set()
-    todo = [root] if root is not None else []
-    while todo:
-        node = todo.pop()
-        if id(node) in seen:  # an alias: already checked (and maybe recursive)
-            continue
-        seen.add(id(node))
-        if node.tag == "tag:yaml.org,2002:timestamp":
-            raise ValidationError(f"{where(node)}: {node.value!r} reads as a date; quote it")
-        if node.tag not in _SAFE_TAGS:
-            raise ValidationError(f"{where(node)}: tag {node.tag!r} is not allowed in a recipe "
-                                  "(plain values, lists and mappings only)")
-        if isinstance(node, yaml.MappingNode):
-            todo.extend(n for pair in node.value for n in pair)
-        elif isinstance(node, yaml.SequenceNode):
-            todo.extend(node.value)
-
-
-def _value(node: yaml.Node, where: _Where) -> Any:
-    """The Python value of a node (safe types only)."""
-    loader = _Loader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    except yaml.YAMLError as exc:
-        raise ValidationError(f"{where(node)}: {' '.join(str(exc).split())}") from None
-    finally:
-        loader.dispose()
-
-
-def _mapping(node: yaml.MappingNode, where: _Where, what: str
-             ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-    """key -> (key node, value node); keys must be strings, each given once."""
-    out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-    for key_node, value_node in node.value:
-        key = _value(key_node, where)
-        if not isinstance(key, str):
-            raise ValidationError(f"{where(key_node)}: {what}: key {key!r} is not a name")
-        if key in out:
-            raise ValidationError(f"{where(key_node)}: {what}: key {key!r} is given twice "
-                                  f"(first on line {out[key][0].start_mark.line + 1})")
-        out[key] = (key_node, value_node)
-    return out
-
-
-def _text(top: dict[str, tuple[yaml.Node, yaml.Node]], key: str, where: _Where,
+def _text(top: dict[str, tuple[yaml.Node, yaml.Node]], key: str, where: Where,
           default: str) -> str:
     if key not in top:
         return default
     node = top[key][1]
-    value = _value(node, where)
+    value = node_value(node, where)
     if not isinstance(value, str) or "\n" in value.strip() or not value.strip():
         raise ValidationError(f"{where(node)}: {key}: expected one line of text, got {value!r}")
     return value.strip()
 
 
-def _distill(entry: tuple[yaml.Node, yaml.Node] | None, where: _Where) -> DistillSettings | None:
+def _distill(entry: tuple[yaml.Node, yaml.Node] | None, where: Where) -> DistillSettings | None:
     if entry is None:
         return None
     node = entry[1]
     if isinstance(node, yaml.ScalarNode):
-        value = _value(node, where)
+        value = node_value(node, where)
         if isinstance(value, bool):
             return DistillSettings() if value else None
         raise ValidationError(f"{where(node)}: distill: expected true, false or a mapping of "
@@ -321,13 +226,13 @@ def _distill(entry: tuple[yaml.Node, yaml.Node] | None, where: _Where) -> Distil
     if not isinstance(node, yaml.MappingNode):
         raise ValidationError(f"{where(node)}: distill: expected true, false or a mapping of "
                               "temperature, alpha, loss")
-    options = _mapping(node, where, "distill")
+    options = mapping(node, where, "distill")
     known = [f.name for f in fields(DistillSettings)]
     for key, (key_node, _) in options.items():
         if key not in known:
             raise ValidationError(f"{where(key_node)}: distill: unknown option {key!r}; "
                                   f"known: {', '.join(known)}")
-    values = {k: _value(v, where) for k, (_, v) in options.items()}
+    values = {k: node_value(v, where) for k, (_, v) in options.items()}
     try:
         return DistillSettings(**values)
     except ValidationError as exc:
@@ -339,27 +244,27 @@ def _kinds() -> str:
     return f"{', '.join(sorted(CONFIG_TYPES))}; short names: {aliases}"
 
 
-def _stage(node: yaml.Node, number: int, where: _Where) -> StageConfig:
+def _stage(node: yaml.Node, number: int, where: Where) -> StageConfig:
     """One ``- kind: {options}`` (or ``- kind``, or ``- {kind: ..., options}``) item."""
     kind_node: yaml.Node = node
     options: dict[str, tuple[yaml.Node, yaml.Node]] = {}
     options_node: yaml.Node = node
     if isinstance(node, yaml.ScalarNode):
-        kind = _value(node, where)
+        kind = node_value(node, where)
     elif isinstance(node, yaml.MappingNode):
-        entries = _mapping(node, where, f"stage {number}")
+        entries = mapping(node, where, f"stage {number}")
         if "kind" in entries:  # the to_dict form: {kind: prune, sparsity: 0.5}
             kind_node = entries.pop("kind")[1]
-            kind, options = _value(kind_node, where), entries
+            kind, options = node_value(kind_node, where), entries
         elif len(entries) == 1:
             (kind, (kind_node, options_node)), = entries.items()
             if isinstance(options_node, yaml.MappingNode):
-                options = _mapping(options_node, where, f"stage {number} ({kind})")
+                options = mapping(options_node, where, f"stage {number} ({kind})")
             elif not (isinstance(options_node, yaml.ScalarNode)
-                      and _value(options_node, where) is None):
+                      and node_value(options_node, where) is None):
                 raise ValidationError(f"{where(options_node)}: stage {number} ({kind}): expected "
                                       f"a mapping of options ({{sparsity: 0.5, epochs: 2}}), "
-                                      f"got {_value(options_node, where)!r}")
+                                      f"got {node_value(options_node, where)!r}")
         else:
             raise ValidationError(f"{where(node)}: stage {number}: one stage per list item, its "
                                   f"options indented under it ('- prune: {{sparsity: 0.5}}'); "
@@ -377,7 +282,7 @@ def _stage(node: yaml.Node, number: int, where: _Where) -> StageConfig:
         if key not in known:
             raise ValidationError(f"{where(key_node)}: stage {number} ({kind}): unknown option "
                                   f"{key!r}; known: {', '.join(known)}")
-    values = {k: _value(v, where) for k, (_, v) in options.items()}
+    values = {k: node_value(v, where) for k, (_, v) in options.items()}
     try:
         return config_type.from_dict(values)
     except ValidationError as exc:
@@ -389,7 +294,7 @@ def _stage(node: yaml.Node, number: int, where: _Where) -> StageConfig:
 
 
 def _line_of(message: str, options: dict[str, tuple[yaml.Node, yaml.Node]], fallback: yaml.Node,
-             where: _Where) -> str:
+             where: Where) -> str:
     """The line of the option a config's error names ("option sparsity: ..."), else the
     stage's."""
     for name in _OPTION.findall(message):
@@ -399,7 +304,7 @@ def _line_of(message: str, options: dict[str, tuple[yaml.Node, yaml.Node]], fall
     return where(fallback)
 
 
-def _check_order(stages: tuple[StageConfig, ...], where: _Where | None, source: str,
+def _check_order(stages: tuple[StageConfig, ...], where: Where | None, source: str,
                  nodes: list[yaml.Node]) -> None:
     """The order rules of ``lowbit.pipeline.check_stages``, naming the offending stage
     and its line: a run quantizes at most once, as its last stage; pruning comes before
@@ -410,19 +315,6 @@ def _check_order(stages: tuple[StageConfig, ...], where: _Where | None, source: 
     def at(i: int) -> str:
         return where(nodes[i]) if where is not None and i < len(nodes) else source
 
-    quant = [i for i, c in enumerate(stages) if isinstance(c, _QUANTIZE)]
-    if quant and quant[0] != len(stages) - 1:
-        q, bad = quant[0], quant[0] + 1
-        raise ValidationError(
-            f"{at(bad)}: stage {bad + 1} ({stages[bad].kind}) comes after stage {q + 1} "
-            f"({stages[q].kind}): a run quantizes at most once, as its last stage")
-    clustered = [i for i, c in enumerate(stages) if isinstance(c, ClusterConfig)]
-    if clustered:
-        later = [i for i, c in enumerate(stages) if i > clustered[0]
-                 and isinstance(c, (PruneConfig, StructuredPruneConfig))]
-        if later:
-            c, bad = clustered[0], later[0]
-            raise ValidationError(
-                f"{at(bad)}: stage {bad + 1} ({stages[bad].kind}) comes after stage {c + 1} "
-                f"(cluster): prune before clustering (pruning a clustered model would undo "
-                f"its shared values)")
+    problem = order_problem(stages)
+    if problem is not None:
+        raise ValidationError(f"{at(problem[0])}: {problem[1]}")

@@ -19,9 +19,10 @@ STAGE_TIMING_RUNS = 30  # runs of each model in the alternating comparison
 
 
 def compare_stages(original: onnx.ModelProto, snapshots: list[tuple[str, onnx.ModelProto]],
-                   holdout: Dataset | None, *, threads: int = 1, batch: int = 8
-                   ) -> list[dict[str, Any]]:
-    """One row for the original and one per ``(label, model)`` snapshot."""
+                   holdout: Dataset | None, *, threads: int = 1, batch: int = 8,
+                   lbz_bytes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """One row for the original and one per ``(label, model)`` snapshot; ``lbz_bytes``:
+    the ``.lbz`` sizes already known by label (each model is encoded once)."""
     from lowbit.container import encode
 
     models = [("original", original), *snapshots]
@@ -29,8 +30,9 @@ def compare_stages(original: onnx.ModelProto, snapshots: list[tuple[str, onnx.Mo
     rows: list[dict[str, Any]] = []
     reference = run_batches(sessions[0], holdout)[0] if holdout is not None else None
     for (label, model), session in zip(models, sessions):
+        known = (lbz_bytes or {}).get(label)
         row: dict[str, Any] = {"stage": label, "onnx_bytes": model.ByteSize(),
-                               "lbz_bytes": len(encode(model))}
+                               "lbz_bytes": known if known is not None else len(encode(model))}
         if holdout is not None and reference is not None:
             out = run_batches(session, holdout)[0]
             acc = accuracy(out, holdout.labels) if holdout.labels is not None else None

@@ -125,11 +125,17 @@ def prune_stage(config: PruneConfig, ctx: RunContext) -> dict[str, Any]:
 @register(StructuredPruneConfig)
 def structured_prune_stage(config: StructuredPruneConfig, ctx: RunContext) -> dict[str, Any]:
     from lowbit.backends.onnx.fold import fold_batchnorm
-    from lowbit.backends.onnx.structured import apply_channel_pruning, plan_channel_pruning
+    from lowbit.backends.onnx.structured import (
+        apply_channel_pruning,
+        conv_channel_block,
+        plan_channel_pruning,
+    )
 
+    block = config.channel_multiple or conv_channel_block()
     plan = plan_channel_pruning(ctx.fm, ratio=config.sparsity, importance=config.importance,
                                 min_channels=config.min_channels,
-                                layers=set(config.layers) if config.layers else None)
+                                layers=set(config.layers) if config.layers else None,
+                                channel_block=block)
     ctx.skipped.update(plan.skipped)
     result = apply_channel_pruning(ctx.fm, plan)
     if config.importance is ChannelImportance.BN:
@@ -143,4 +149,5 @@ def structured_prune_stage(config: StructuredPruneConfig, ctx: RunContext) -> di
     ctx.fm = result
     return {"sparsity": config.sparsity, "structured": True,
             "importance": config.importance.value, "epochs": config.epochs if tune else 0,
+            "conv_channel_multiple": block,
             "channels_kept": {n: int(len(k)) for n, k in plan.keep.items()}}

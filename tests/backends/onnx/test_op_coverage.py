@@ -229,3 +229,18 @@ def test_regression_matmul_output_before_float_op_stays_float() -> None:
     qm = quantize(model, "static", g.inputs_for(model, 64, 8, seed=1))
     quantize_inputs = [n.input[0] for n in qm.model.graph.node if n.op_type == "QuantizeLinear"]
     assert quantize_inputs == ["x"], quantize_inputs
+
+
+def test_regression_float_mul_reason_names_no_qlinearadd() -> None:
+    """Attention's scale Mul after a float Q.K^T stayed float with the Add's reason
+    ("QLinearAdd on quantized float inputs"); the Add keeps its measured reason."""
+    model = g.self_attention()
+    qm = quantize(model, "static", g.inputs_for(model, 16, 8, seed=1))
+    decisions = {d["name"]: d for d in qm.report["nodes"]["decisions"]}
+    assert decisions["scale"]["treatment"] == F
+    assert decisions["scale"]["reason"].startswith("no 8-bit input next to it")
+    assert "QLinearAdd on" not in decisions["scale"]["reason"], decisions["scale"]["reason"]
+    model = g.add_of_inputs()
+    qm = quantize(model, "static", g.inputs_for(model, 16, 8, seed=1))
+    add = next(d for d in qm.report["nodes"]["decisions"] if d["name"] == "add")
+    assert "QLinearAdd on quantized float inputs: 0.38-0.89x" in add["reason"]

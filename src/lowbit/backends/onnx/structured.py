@@ -31,6 +31,7 @@ from lowbit.backends.onnx.graph import node_name
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.config import ChannelImportance, parse_enum
 from lowbit.errors import ValidationError
+from lowbit.runtime.environment import cpu_info
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,32 @@ def _prunable_nodes(fm: FloatModel) -> list[tuple[str, onnx.NodeProto]]:
     return [(node_name(n, i), n) for i, n in enumerate(fm.proto.graph.node)]
 
 
+def conv_channel_block() -> int:
+    """The channel block of ONNX Runtime's fast float convolutions on this CPU (its NCHWc
+    layout: 16 floats per vector with AVX-512, else 8). A Conv whose channel count is a
+    multiple of it runs that path; measured on the 28x28 digits CNN (batch 64, 1
+    thread, AVX2), 8 and 16 channels ran 3.2x and 1.7x the 32-channel model's speed,
+    while 9-14 channels ran only 1.1-1.4x."""
+    return 16 if cpu_info().get("avx512") else 8
+
+
+def kept_channels(n: int, ratio: float, min_channels: int, block: int) -> int:
+    """How many of ``n`` channels stay when ``ratio`` go: rounded to a multiple of
+    ``block`` (at least one block) when ``n`` is a multiple of two blocks or more."""
+    n_keep = min(n, max(min_channels, n - math.floor(ratio * n + 0.5)))
+    if block > 1 and n % block == 0 and n >= 2 * block and ratio > 0:
+        n_keep = min(n, max(block, min_channels, int(round(n_keep / block)) * block))
+    return n_keep
+
+
 def plan_channel_pruning(fm: FloatModel, *, ratio: float, importance: str = "l1",
-                         min_channels: int = 1, layers: set[str] | None = None) -> ChannelPlan:
+                         min_channels: int = 1, layers: set[str] | None = None,
+                         channel_block: int = 1) -> ChannelPlan:
     """Choose which output channels of each prunable layer to keep.
 
     ``ratio`` of each layer's channels go (rounded, at least ``min_channels`` stay),
-    the least important first. ``layers`` limits the producers considered.
+    the least important first. ``layers`` limits the producers considered. A Conv keeps
+    a multiple of ``channel_block`` channels (``kept_channels``; 1: exactly the ratio).
 
     Example::
 
@@ -118,7 +139,8 @@ def plan_channel_pruning(fm: FloatModel, *, ratio: float, importance: str = "l1"
             skipped[key] = str(exc)
             continue
         n = item.channels
-        n_keep = min(n, max(min_channels, n - math.floor(ratio * n + 0.5)))
+        n_keep = kept_channels(n, ratio, min_channels,
+                               channel_block if node.op_type == "Conv" else 1)
         order = np.argsort(-scores, kind="stable")  # most important first; ties: lower index
         keep[key] = np.sort(order[:n_keep]).astype(np.int64)
     return ChannelPlan(keep=keep, skipped=skipped)
