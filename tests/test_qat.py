@@ -201,3 +201,15 @@ def test_weight_only_qat_of_a_gpt_distilled_from_the_float_model_beats_round_to_
         assert {n.op_type for n in result.model.graph.node} >= {"MatMulNBits"}
         sqnr[epochs] = sqnr_db(reference, _ort(result.model, test))
     assert sqnr[3] > sqnr[0] + 1.0, sqnr
+
+
+def test_a_second_cluster_stage_keeps_the_first_ones_shared_values(cnn, digits):
+    """Regression: fine-tuning a later cluster stage used to train the earlier stage's
+    layers freely (655 distinct values where 16 were shared)."""
+    x_tr, y_tr, _, _ = digits
+    result = run(cnn, [ClusterConfig(bits=4, layers=("/4/Gemm",), epochs=1),
+                       ClusterConfig(bits=3, layers=("/0/Conv",), epochs=1)],
+                 data=(x_tr, y_tr), verify=False)
+    for node, bits in (("4.weight", 4), ("0.weight", 3)):
+        w = np.asarray(result.fm.constant(node))
+        assert len(np.unique(w[w != 0])) <= 2 ** bits, node

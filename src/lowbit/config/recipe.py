@@ -114,13 +114,13 @@ stages:
   - cluster: {bits: 5, epochs: 1, lr: 0.0001}
 """,
     "edge": """\
-description: remove half the channels, prune 80%, share 16 values, INT8 QAT; distilled from the original
+description: 3/4 of the channels removed, half the weights pruned, 16 shared values, INT8 QAT, distilled
 distill: {temperature: 4, alpha: 0.7}
 stages:
-  - prune-structured: {sparsity: 0.5, epochs: 2, lr: 0.001}
-  - prune: {sparsity: 0.8, scope: global, epochs: 3, lr: 0.001}
+  - prune-structured: {sparsity: 0.75, epochs: 6, lr: 0.003}
+  - prune: {sparsity: 0.5, scope: global, epochs: 2, lr: 0.001}
   - cluster: {bits: 4, epochs: 1, lr: 0.0001}
-  - quantize-qat: {epochs: 2, lr: 0.0001}
+  - quantize-qat: {epochs: 1, lr: 0.0001}
 """,
 }
 

@@ -93,7 +93,8 @@ def render_stages(rows: list[dict[str, Any]], console: Console) -> None:
     """One row per stage: quality, size (ONNX, .lbz, times smaller), speed vs the original."""
     table = Table(title="every stage (held-back data; one alternating timing run)")
     for name in ("stage", "accuracy", "agreement", "ONNX", ".lbz", "smaller (.lbz)", "speed"):
-        table.add_column(name, justify="left" if name == "stage" else "right")
+        table.add_column(name, justify="left" if name == "stage" else "right",
+                         no_wrap=name == "stage")
     for r in rows:
         speed = speedup_text(r["speedup"], say_slower=True) if r.get("speedup") else "-"
         table.add_row(r["stage"], _pct(r.get("accuracy")), _pct(r.get("top1_agreement")),

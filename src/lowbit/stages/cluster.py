@@ -30,24 +30,28 @@ def cluster_stage(config: ClusterConfig, ctx: RunContext) -> dict[str, Any]:
         clusters[name] = kmeans_1d(w, config.bits, init=config.init.value, seed=config.seed)
     tune = ctx.fine_tune_possible(config.epochs)
     if tune:
-        spec = ctx.training_spec(config, fm, shared={n: (c.codebook, c.indices)
-                                                     for n, c in clusters.items()})
+        # earlier cluster stages' shared values stay shared while these train
+        spec = ctx.training_spec(config, fm, shared={**ctx.clusters, **{
+            n: (c.codebook, c.indices) for n, c in clusters.items()}})
         values = finetune(fm, ctx.require_train("fine-tuning"), spec,
                           ctx.epoch_progress("fine-tuning centroids"))
     else:
         values = {n: c.weights() for n, c in clusters.items()}
     ctx.fm = with_weights(fm, values)
     for name, c in clusters.items():  # later training stages keep the shared values
-        ctx.clusters[name] = (trained_codebook(c, values[name]), c.indices)
+        ctx.clusters[name] = (c.codebook, c.indices)
+    for name, (book, indices) in list(ctx.clusters.items()):  # (and earlier ones trained)
+        if name in values:
+            ctx.clusters[name] = (trained_codebook(book, indices, values[name]), indices)
     return {"bits": config.bits, "init": config.init.value, "biases": biases,
             "epochs": config.epochs if tune else 0}
 
 
-def trained_codebook(clustering: Clustering, weight: np.ndarray) -> np.ndarray:
-    """The shared values of ``weight`` (clustered by ``clustering``, then trained), in
-    the order of its codebook."""
-    book = np.array(clustering.codebook, np.float32, copy=True)
-    flat, idx = np.asarray(weight).reshape(-1), np.asarray(clustering.indices).reshape(-1)
+def trained_codebook(codebook: np.ndarray, indices: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The shared values of ``weight`` (clustered as ``indices`` into ``codebook``, then
+    trained), in the order of the codebook."""
+    book = np.array(codebook, np.float32, copy=True)
+    flat, idx = np.asarray(weight).reshape(-1), np.asarray(indices).reshape(-1)
     used = idx >= 0
     book[idx[used]] = flat[used]  # (every member of a cluster holds the same value)
     return book
