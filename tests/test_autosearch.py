@@ -186,3 +186,23 @@ def test_a_plan_becomes_stages_the_pipeline_accepts():
     assert stages[0].layers == ("small",) and stages[1].layers == ("big",)
     assert stages[-1].exclude_nodes == ("small",)
     assert np.isclose(stages[1].sparsity, 0.95)
+
+
+def test_the_cli_searches_with_max_drop_and_a_budget(cnn, digits, tmp_path, capsys):
+    from lowbit.cli import main
+
+    x_tr, y_tr, x_te, y_te = digits
+    import onnx
+
+    onnx.save(cnn, tmp_path / "cnn.onnx")
+    np.savez(tmp_path / "train.npz", x=x_tr, y=y_tr)
+    np.savez(tmp_path / "val.npz", x=x_te, y=y_te)
+    args = ["compress", str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "cnn.lbz"), "--data",
+            str(tmp_path / "train.npz"), "--val", str(tmp_path / "val.npz")]
+    assert main([*args, "--max-drop", "1", "--budget", "15s", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["search"]["best"]["index"] >= 0 and (tmp_path / "cnn.lbz").is_file()
+    assert main([*args, "--max-drop", "1", "--recipe", "edge"]) == 2
+    assert "--recipe" in capsys.readouterr().err
+    assert main([*args, "--max-drop", "1", "--budget", "soon"]) == 2
+    assert "--budget" in capsys.readouterr().err

@@ -57,6 +57,16 @@ def compress(
                                       "stage (default 0)."),
     lr: float | None = typer.Option(None, help="Without --recipe: learning rate (default 1e-3; "
                                     "centroids use a tenth)."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="Search: the most compressed "
+                                          "model within this many accuracy points (needs labels)."),
+    min_cosine: float | None = typer.Option(None, "--min-cosine", help="Search: ... whose outputs "
+                                            "keep this cosine similarity (no labels needed)."),
+    budget: str = typer.Option("10m", "--budget", help="Search: time allowed (90s, 10m, 1h); the "
+                               "best model found so far is returned when it runs out."),
+    objective: str = typer.Option("size", "--objective", help="Search: size (.lbz bytes) or "
+                                  "latency."),
+    techniques: str | None = typer.Option(None, "--techniques", help="Search: comma list of "
+                                          "prune, structured, cluster, int8 (default by objective)."),
     threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
     require: bool = typer.Option(False, "--require", help="Exit 1 if the report flags a degradation."),
     quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
@@ -72,9 +82,18 @@ def compress(
     Example: lowbit compress cnn.onnx -o cnn.small.onnx --recipe edge --data train.npz --val val.npz
     Example: lowbit compress cnn.onnx -o cnn.lbz --recipe my-recipe.yaml --data train.npz
     Example: lowbit compress lenet.onnx -o lenet.lbz --sparsity 0.95 --bits 5 --data train.npz --epochs 10
+    Example: lowbit compress cnn.onnx -o cnn.lbz --max-drop 0.5 --budget 10m --data train.npz
     Built-in recipes: lowbit compress --list-recipes
     """
     from lowbit.api import compress as api_compress
+
+    if max_drop is not None or min_cosine is not None:
+        _search(model, output, data, eval_data, max_drop=max_drop, min_cosine=min_cosine,
+                budget=budget, objective=objective, techniques=techniques, threads=threads,
+                require=require, quiet=quiet, as_json=as_json,
+                others={"--recipe": recipe, "--student": student, "--sparsity": sparsity,
+                        "--bits": bits, "--epochs": epochs, "--lr": lr})
+        return
 
     loaded = None
     recipe_file = None
@@ -96,3 +115,23 @@ def compress(
                           eval_data=str(eval_data) if eval_data else None, progress=update)
     title = f"original vs compressed (recipe {loaded.name})" if loaded else "original vs compressed"
     finish(cm, output, show, as_json, require, title)
+
+
+def _search(model: Path, output: Path, data: Path | None, eval_data: Path | None, *,
+            budget: str, others: dict[str, object], require: bool, quiet: bool, as_json: bool,
+            **options: object) -> None:
+    """``--max-drop``/``--min-cosine``: the accuracy-aware search (``search_compression``)."""
+    from lowbit.api import search_compression
+    from lowbit.autosearch import parse_budget
+
+    refuse_options(others, "--max-drop/--min-cosine (the search chooses the stages)")
+    seconds = parse_budget(budget, "--budget")
+    check_output(output, model, data, eval_data)
+    show = not quiet and not as_json
+    with progress_bar(show) as update:
+        outcome = search_compression(str(model), str(data) if data else None, budget_s=seconds,
+                                     eval_data=str(eval_data) if eval_data else None,
+                                     progress=update, **options)
+    finish(outcome, output, show, as_json, require, "original vs best found (search)")
+    if show:
+        out_console.print(outcome.summary, soft_wrap=True)
