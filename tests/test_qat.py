@@ -213,3 +213,26 @@ def test_a_second_cluster_stage_keeps_the_first_ones_shared_values(cnn, digits):
     for node, bits in (("4.weight", 4), ("0.weight", 3)):
         w = np.asarray(result.fm.constant(node))
         assert len(np.unique(w[w != 0])) <= 2 ** bits, node
+
+
+def test_a_training_stage_without_labels_or_teacher_is_refused_naming_it(cnn, digits):
+    from lowbit.errors import DataError
+
+    x_tr, _, _, _ = digits
+    with pytest.raises(DataError, match=r"stage 2 \(prune\) fine-tunes for 1 epoch"):
+        run(cnn, [PruneConfig(sparsity=0.3), PruneConfig(sparsity=0.5, epochs=1)], data=x_tr)
+    # with a teacher (distillation), labels are not needed
+    run(cnn, [PruneConfig(sparsity=0.5, epochs=1)], data=x_tr, verify=False,
+        distill=DistillSettings())
+
+
+def test_a_student_run_is_compared_with_its_teacher(cnn, digits):
+    x_tr, y_tr, x_te, y_te = digits
+    torch.manual_seed(2)
+    student = export_module(models.digits_cnn(), x_tr[:2])
+    result = run(student, [DistillConfig(epochs=2, lr=3e-3)], data=(x_tr, y_tr),
+                 eval_data=(x_te, y_te), teacher=cnn)
+    teacher_accuracy = accuracy(_ort(cnn, x_te), y_te)
+    assert result.report["verification"]["agreement"]["accuracy"]["float"] == \
+        pytest.approx(teacher_accuracy)
+    assert "teacher" in result.report["teacher"]["compared_with"]

@@ -47,7 +47,7 @@ from lowbit.config import (
 )
 from lowbit.config.order import QUANTIZE_CONFIGS, order_problem
 from lowbit.data import Dataset, as_dataset, run_batch, split_holdout
-from lowbit.errors import ValidationError
+from lowbit.errors import DataError, ValidationError
 from lowbit.fileio import (
     check_output_path,
     plot_path,
@@ -210,15 +210,19 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     ctx = RunContext(fm=fm, original=fm, train=train, threads=threads, batch=batch,
                      progress=progress, distill=distill)
     if teacher is not None:
-        teacher_fm = resolve_model(teacher, data, fold_bn=True)[0]
+        teacher_fm, _, teacher_size = resolve_model(teacher, data, fold_bn=True)
         check_student(teacher_fm, fm)
         ctx.teacher = onnx_teacher(teacher_fm, threads=threads)
         ctx.sections["teacher"] = {"model": str(teacher) if isinstance(
             teacher, (str, os.PathLike)) else type(teacher).__name__}
+        if _input_names(teacher_fm) == _input_names(fm):  # the result is compared with it
+            ctx.original, in_size = teacher_fm, teacher_size
+            ctx.sections["teacher"]["compared_with"] = "the teacher (the report's original)"
     elif distill is not None:
         ctx.teacher = onnx_teacher(fm, threads=threads)
     if distill is not None:
         ctx.sections["distillation"] = distill.to_dict()
+    _need_labels(stages, train, ctx)
     if given is not None:
         quantizes = any(isinstance(c, QUANTIZE_CONFIGS) for c in stages)
         ctx.notes.append(describe(given, "quantized" if quantizes else "compressed"))
@@ -309,6 +313,23 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     return CompressedModel(output, report, fm=weights_fm, original=original, lbz=lbz,
                            inputs=(model, *external_data_files(model), data, eval_data, teacher),
                            checkpoints=saved[0] if saved is not None else None)
+
+
+def _input_names(fm: FloatModel) -> list[str]:
+    return [spec.name for spec in input_specs_of_model(fm.proto)]
+
+
+def _need_labels(stages: Sequence[StageConfig], train: Dataset | None, ctx: RunContext) -> None:
+    """Refuse, before any work, a training stage that would have nothing to learn from:
+    data without labels and no teacher to distill from."""
+    if train is None or train.labels is not None or ctx.teacher is not None:
+        return
+    for i, config in enumerate(stages):
+        epochs = getattr(config, "epochs", 0)
+        if config.trains and epochs > 0 and not isinstance(config, DistillConfig):
+            raise DataError(f"{train.source}: stage {i + 1} ({config.kind}) fine-tunes for "
+                            f"{epochs} epoch(s) and needs labels ('y'); give labelled data, "
+                            "set its epochs to 0, or distill from a teacher (distillation)")
 
 
 def _label(index: int, config: dict[str, Any]) -> str:
