@@ -236,3 +236,19 @@ def test_a_student_run_is_compared_with_its_teacher(cnn, digits):
     assert result.report["verification"]["agreement"]["accuracy"]["float"] == \
         pytest.approx(teacher_accuracy)
     assert "teacher" in result.report["teacher"]["compared_with"]
+
+
+def test_feature_distillation_matches_the_layers_both_graphs_share(cnn, digits):
+    from lowbit.backends.onnx.teacher import matching_features
+    from lowbit.config import StructuredPruneConfig
+
+    x_tr, y_tr, _, _ = digits
+    fm, _ = load_model(cnn)
+    assert matching_features(fm, fm) == ("/0/Conv_output_0", "/1/Relu_output_0")
+    slim = run(cnn, [StructuredPruneConfig(sparsity=0.5)], data=(x_tr, y_tr), verify=False)
+    assert matching_features(fm, slim.fm) == ()  # 16 of 32 channels: no shape in common
+    result = run(cnn, [PruneConfig(sparsity=0.7, epochs=2)], data=(x_tr, y_tr),
+                 eval_data=(x_tr[:200], y_tr[:200]),
+                 distill=DistillSettings(features=1.0))
+    assert result.report["distillation"]["features"] == 1.0
+    assert result.report["verification"]["agreement"]["top1_agreement"] > 0.9

@@ -32,6 +32,7 @@ from lowbit.backends.onnx.precision import (
 )
 from lowbit.backends.onnx.session import first_output_shape, input_specs_of_model, make_session
 from lowbit.backends.onnx.store import FloatModel, GivenPrecision
+from lowbit.backends.onnx.teacher import onnx_teacher
 from lowbit.backends.onnx.writer import write_model
 from lowbit.backends.torch.distributed import is_main
 from lowbit.config import (
@@ -63,7 +64,7 @@ from lowbit.report.verify import check_model
 from lowbit.report.verify import verify as verify_model
 from lowbit.stages.base import ProgressFn, RunContext, handler_for
 from lowbit.stages.checkpoint import Checkpoints, Resumed, fingerprint
-from lowbit.stages.distill import check_student, onnx_teacher
+from lowbit.stages.distill import check_student
 
 HOLDOUT_FRACTION = 0.2
 
@@ -212,14 +213,14 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     if teacher is not None:
         teacher_fm, _, teacher_size = resolve_model(teacher, data, fold_bn=True)
         check_student(teacher_fm, fm)
-        ctx.teacher = onnx_teacher(teacher_fm, threads=threads)
+        ctx.teacher, ctx.teacher_model = onnx_teacher(teacher_fm, threads=threads), teacher_fm
         ctx.sections["teacher"] = {"model": str(teacher) if isinstance(
             teacher, (str, os.PathLike)) else type(teacher).__name__}
         if _input_names(teacher_fm) == _input_names(fm):  # the result is compared with it
             ctx.original, in_size = teacher_fm, teacher_size
             ctx.sections["teacher"]["compared_with"] = "the teacher (the report's original)"
     elif distill is not None:
-        ctx.teacher = onnx_teacher(fm, threads=threads)
+        ctx.teacher, ctx.teacher_model = onnx_teacher(fm, threads=threads), fm
     if distill is not None:
         ctx.sections["distillation"] = distill.to_dict()
     _need_labels(stages, train, ctx)

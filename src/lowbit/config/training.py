@@ -118,14 +118,19 @@ class DistillSettings:
     temperature: float = 4.0
     alpha: float = 0.7
     loss: DistillLoss = DistillLoss.AUTO
+    # weight of the intermediate-feature loss (tensors both graphs compute, same shape;
+    # MSE relative to the teacher's mean square); 0: outputs only
+    features: float = 0.0
 
     def __post_init__(self) -> None:
         check_number(self.temperature, "temperature", 0.0, 100.0, lo_open=True)
         check_number(self.alpha, "alpha", 0.0, 1.0)
+        check_number(self.features, "features", 0.0, 100.0)
         object.__setattr__(self, "loss", parse_enum(DistillLoss, self.loss, "loss"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "alpha": self.alpha, "loss": self.loss.value}
+        return {"temperature": self.temperature, "alpha": self.alpha, "loss": self.loss.value,
+                "features": self.features}
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class DistillConfig(TrainingOptions, StageConfig):
     temperature: float = 4.0
     alpha: float = 0.7
     loss: DistillLoss = DistillLoss.AUTO
+    features: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_training()
@@ -149,4 +155,4 @@ class DistillConfig(TrainingOptions, StageConfig):
 
     @property
     def settings(self) -> DistillSettings:
-        return DistillSettings(self.temperature, self.alpha, self.loss)
+        return DistillSettings(self.temperature, self.alpha, self.loss, self.features)

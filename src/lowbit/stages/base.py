@@ -54,6 +54,7 @@ class RunContext:
     # training stages keep (index -1: a pruned zero)
     clusters: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     teacher: Teacher | None = None  # outputs that training stages distill from
+    teacher_model: FloatModel | None = None  # the teacher itself (feature distillation)
     distill: DistillSettings | None = None
     _trainable: str | None = None  # "" if the bridge runs this graph, else why not
 
@@ -115,6 +116,15 @@ class RunContext:
         settings: dict[str, Any] = {"masks": self.zero_masks(fm), "shared": dict(self.clusters),
                                     "teacher": self.teacher, "distill": self.distill}
         settings.update(extra)
+        distill = settings["distill"]
+        if distill is not None and distill.features > 0 and self.teacher_model is not None:
+            from lowbit.backends.onnx.teacher import matching_features, onnx_teacher
+
+            names = matching_features(self.teacher_model, fm)
+            if names:  # the teacher also gives the intermediate tensors both graphs share
+                settings["features"] = names
+                settings["teacher"] = onnx_teacher(self.teacher_model, threads=self.threads,
+                                                   features=names)
         return FinetuneSpec(epochs=config.epochs, lr=config.lr, seed=config.seed,
                             batch_size=config.batch_size,
                             bf16=config.precision is TrainingPrecision.BF16, **settings)

@@ -5,24 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from lowbit.backends.onnx.session import make_session
 from lowbit.backends.onnx.store import FloatModel
-from lowbit.backends.torch.finetune import Teacher, finetune, with_weights
+from lowbit.backends.onnx.teacher import onnx_teacher
+from lowbit.backends.torch.finetune import finetune, with_weights
 from lowbit.config import DistillConfig
 from lowbit.errors import ValidationError
 from lowbit.stages.base import RunContext, register
-
-
-def onnx_teacher(fm: FloatModel, *, threads: int = 1) -> Teacher:
-    """The teacher's first output for one run's inputs, computed by ONNX Runtime."""
-    session = make_session(fm, threads=threads)
-    names = [i.name for i in session.get_inputs()]
-
-    def outputs(inputs: list[np.ndarray]) -> np.ndarray:
-        return np.asarray(session.run(None, dict(zip(names, inputs)))[0])
-    return outputs
 
 
 def check_student(teacher: FloatModel, student: FloatModel) -> None:
@@ -48,6 +36,7 @@ def check_student(teacher: FloatModel, student: FloatModel) -> None:
 def distill_stage(config: DistillConfig, ctx: RunContext) -> dict[str, Any]:
     train = ctx.require_train("distillation")
     if ctx.teacher is None:
+        ctx.teacher_model = ctx.original
         ctx.teacher = onnx_teacher(ctx.original, threads=ctx.threads)
     if not ctx.fine_tune_possible(config.epochs):
         raise ValidationError(f"distill: cannot train this model ({'; '.join(ctx.notes[-1:])})")

@@ -38,3 +38,31 @@ def distill_loss(student: Any, teacher: Any, settings: DistillSettings, *, class
     s = student.reshape(-1, student.shape[-1]) if student.ndim > 1 else student[None]
     u = teacher.reshape(-1, teacher.shape[-1]) if teacher.ndim > 1 else teacher[None]
     return (1.0 - torch.nn.functional.cosine_similarity(s, u, dim=-1, eps=1e-8)).mean()
+
+
+def feature_loss(student: list[Any], teacher: list[Any]) -> Any:
+    """Mean over features of the squared difference relative to the teacher's mean
+    square (so every layer counts alike, whatever its scale)."""
+    total = 0.0
+    for s, t in zip(student, teacher):
+        t = t.reshape(s.shape)
+        total = total + ((s.float() - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
+    return total / max(1, len(student))
+
+
+def capture(store: dict[str, Any], name: str, inner: Any = None) -> Any:
+    """A module for the bridge's tensor hooks that records tensor ``name`` in ``store``
+    (after ``inner``, e.g. QAT's fake quantization, when the tensor already has a hook)."""
+    import torch
+
+    class Capture(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: Any) -> Any:
+            y = self.inner(x) if self.inner is not None else x
+            store[name] = y
+            return y
+
+    return Capture()

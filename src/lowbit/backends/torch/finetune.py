@@ -28,14 +28,15 @@ from typing import Any
 import numpy as np
 
 from lowbit.backends.onnx.store import FloatModel
-from lowbit.backends.torch.distill import distill_loss
+from lowbit.backends.torch.distill import capture, distill_loss, feature_loss
 from lowbit.backends.torch.distributed import shard, sum_over_processes, world, wrap
 from lowbit.backends.torch.from_onnx import build_torch_module
 from lowbit.config.training import DistillSettings
 from lowbit.data import Dataset
 from lowbit.errors import DataError
 
-Teacher = Callable[[list[np.ndarray]], np.ndarray]  # one run's inputs -> first output
+# one run's inputs -> first output (with ``features``: [output, *feature tensors])
+Teacher = Callable[[list[np.ndarray]], Any]
 MaskUpdate = Callable[[int, dict[str, np.ndarray], dict[str, np.ndarray]],
                       dict[str, np.ndarray] | None]
 
@@ -55,6 +56,8 @@ class FinetuneSpec:
     teacher: Teacher | None = None
     distill: DistillSettings | None = None
     bf16: bool = False  # bfloat16 autocast for the forward and backward passes
+    features: tuple[str, ...] = ()  # intermediate tensors distilled (the teacher gives them too)
+    captured: dict[str, Any] = field(default_factory=dict)  # their values in the latest run
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -100,7 +103,7 @@ def finetune(fm: FloatModel, train: Dataset, spec: FinetuneSpec,
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
                     out = model(*inputs)[0]
                     loss = _loss(out.float(), target, inputs, spec, settings, classify,
-                                 train.whole)
+                                 train.whole, spec.captured)
                 (loss if len(runs) == 1 else loss / len(runs)).backward()
                 total += loss.item() * len(idx) / len(runs)
             opt.step()
@@ -160,12 +163,16 @@ def _module(fm: FloatModel, spec: FinetuneSpec) -> tuple[Any, dict[str, Any], di
         p = torch.nn.Parameter(torch.from_numpy(np.array(value, np.float32, copy=True)))
         external[name] = p
         overrides[name] = (lambda p=p, t=t: t(p))
-    module = build_torch_module(fm, weight_override=overrides, tensor_hooks=spec.tensor_hooks)
+    hooks = dict(spec.tensor_hooks)
+    for name in spec.features:  # the student's side of feature distillation
+        hooks[name] = capture(spec.captured, name, hooks.get(name))
+    module = build_torch_module(fm, weight_override=overrides, tensor_hooks=hooks)
     return module, external, codebooks
 
 
 def _loss(out: Any, target: Any, inputs: list[Any], spec: FinetuneSpec,
-          settings: DistillSettings, classify: bool, whole: bool) -> Any:
+          settings: DistillSettings, classify: bool, whole: bool,
+          captured: dict[str, Any] | None = None) -> Any:
     """The labels' loss, the teacher's, or their mix (``settings.alpha`` the teacher's)."""
     import torch
 
@@ -180,9 +187,14 @@ def _loss(out: Any, target: Any, inputs: list[Any], spec: FinetuneSpec,
     if spec.teacher is None:
         return hard
     with torch.no_grad():
-        teacher = torch.from_numpy(np.asarray(
-            spec.teacher([x.numpy() for x in inputs]), np.float32)).reshape(out.shape)
+        given = spec.teacher([x.numpy() for x in inputs])
+        outputs = given if spec.features else [given]
+        teacher = torch.from_numpy(np.asarray(outputs[0], np.float32)).reshape(out.shape)
     soft = distill_loss(out, teacher, settings, classify=classify)
+    if spec.features and captured:
+        soft = soft + settings.features * feature_loss(
+            [captured[n] for n in spec.features],
+            [torch.from_numpy(np.asarray(t, np.float32)) for t in outputs[1:]])
     if hard is None:
         return soft
     return (1.0 - settings.alpha) * hard + settings.alpha * soft
