@@ -21,7 +21,7 @@ from lowbit.backends.onnx.weights import weight_initializers, weighted_nodes
 from lowbit.backends.torch.export import export_module
 from lowbit.backends.torch.train import train_classifier
 from lowbit.data import digits_split
-from lowbit.errors import ValidationError
+from lowbit.errors import DataError, ValidationError
 from lowbit.pruning.nm import is_nm_sparse
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -235,10 +235,12 @@ def test_prune_only_the_named_layers(lenet):
     assert int(np.sum(after[names[1]] == 0)) == round(0.7 * after[names[1]].size)
 
 
-def test_prune_without_labels_is_post_training_with_a_note(cnn, digits):
-    cm = prune(cnn, digits[0][:100], sparsity=0.5, epochs=2)
-    assert cm.report["settings"]["epochs"] == 0
-    assert any("labels" in n for n in cm.report["notes"])
+def test_prune_with_epochs_and_no_labels_is_refused_naming_the_stage(cnn, digits):
+    """Fine-tuning without labels (and no teacher) has nothing to learn from: refused
+    before any work (it used to fall back to post-training with a note)."""
+    with pytest.raises(DataError, match=r"stage 1 \(prune\) fine-tunes for 2 epoch"):
+        prune(cnn, digits[0][:100], sparsity=0.5, epochs=2)
+    cm = prune(cnn, digits[0][:100], sparsity=0.5)  # post-training needs no labels
     for w in _weights(cm.fm).values():
         assert int(np.sum(w == 0)) == round(0.5 * w.size)
 
@@ -247,9 +249,9 @@ def test_prune_falls_back_to_post_training_for_an_unsupported_op():
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((64, 8)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Erf", ["h"], ["e"]),
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Hardmax", ["h"], ["e"]),
              helper.make_node("MatMul", ["e", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "erf",
+    graph = helper.make_graph(nodes, "hardmax",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
                               initializer=inits)
@@ -258,7 +260,7 @@ def test_prune_falls_back_to_post_training_for_an_unsupported_op():
     y = rng.integers(0, 10, 40)
     cm = prune(model, (x, y), sparsity=0.5, epochs=1)
     assert cm.report["settings"]["epochs"] == 0
-    assert any("post-training" in n and "Erf" in n for n in cm.report["notes"])
+    assert any("post-training" in n and "Hardmax" in n for n in cm.report["notes"])
     w = _weights(cm.fm)
     assert int(np.sum(w["w1"] == 0)) == 256 and int(np.sum(w["w2"] == 0)) == 40
 
