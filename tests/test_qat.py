@@ -70,7 +70,7 @@ def test_onnx_runtime_runs_the_trained_qat_model_within_one_step(cnn, digits, le
     config = QatConfig(epochs=1, mode="static", weight_bits=4, layer_bits={"/4/Gemm": 8},
                        activation_range="learned" if learned else "ema")
     quants = weight_fake_quants(outcome.plan, config,
-                                bool(outcome.plan.metadata.get("reduce_range")), set())
+                                bool(outcome.plan.metadata.get("reduce_range")), set(), fm)
     hooks = activation_fake_quants(outcome.plan, fm, learned=learned)
     assert quants and hooks
     biases = bias_fake_quants(outcome.plan, fm, quants, hooks)
@@ -154,7 +154,8 @@ def test_distill_settings_wrap_a_training_stage(cnn, digits):
     x_tr, y_tr, _, _ = digits
     result = run(cnn, [PruneConfig(sparsity=0.5, epochs=1)], data=(x_tr, y_tr), verify=False,
                  distill=DistillSettings(temperature=2.0, alpha=0.5))
-    assert result.report["distillation"] == {"temperature": 2.0, "alpha": 0.5, "loss": "auto"}
+    assert result.report["distillation"] == {"temperature": 2.0, "alpha": 0.5, "loss": "auto",
+                                             "features": 0.0}
 
 
 def test_qat_options_are_checked_before_any_work(cnn, digits):
@@ -252,3 +253,27 @@ def test_feature_distillation_matches_the_layers_both_graphs_share(cnn, digits):
                  distill=DistillSettings(features=1.0))
     assert result.report["distillation"]["features"] == 1.0
     assert result.report["verification"]["agreement"]["top1_agreement"] > 0.9
+
+
+def test_low_bit_weights_are_per_channel_and_labelled_with_their_bits(cnn, digits):
+    x_tr, y_tr, _, _ = digits
+    result = run(cnn, [QatConfig(epochs=0, weight_bits=4, mode="static")], data=(x_tr, y_tr),
+                 verify=False)
+    labels = {d["name"]: d.get("weights") for d in result.report["nodes"]["decisions"]}
+    assert labels["/0/Conv"] == labels["/4/Gemm"] == "per-channel, 4-bit"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_training_runs_where_the_cpu_computes_it_and_says_so_where_not(
+        cnn, digits, monkeypatch, native):
+    from lowbit.runtime import environment
+
+    x_tr, y_tr, _, _ = digits
+    info = {**environment.cpu_info(), "bf16": native}
+    monkeypatch.setattr(environment, "cpu_info", lambda: info)
+    result = run(cnn, [PruneConfig(sparsity=0.5, epochs=1, precision="bf16")],
+                 data=(x_tr[:256], y_tr[:256]), verify=False)
+    noted = any(n.startswith("precision bf16: this CPU has no bfloat16") for n in
+                result.report["notes"])
+    assert noted is not native
+    assert result.report["training"]  # it trained either way

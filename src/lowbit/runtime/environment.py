@@ -42,6 +42,8 @@ def _cpu_info() -> dict[str, Any]:  # /proc/cpuinfo is read once per process
         "avx512": bool({"avx512f"} & flags) if flags else None,
         # Intel AMX int8 tiles: ONNX Runtime's MLAS uses them for U8S8 GEMMs where present
         "amx_int8": bool({"amx_int8"} & flags) if flags else None,
+        # bfloat16 arithmetic in hardware (without it torch emulates bf16 matmuls)
+        "bf16": bool({"avx512_bf16", "amx_bf16"} & flags) if flags else None,
     }
 
 

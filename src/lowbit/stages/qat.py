@@ -26,6 +26,7 @@ import numpy as np
 from lowbit.backends.onnx.graph import GraphIndex, node_name
 from lowbit.backends.onnx.quantize import fill_activations, quantize_int8
 from lowbit.backends.onnx.weight_only import layer_group_size, linear_layers, plan_weight_only
+from lowbit.backends.onnx.weights import weighted_nodes
 from lowbit.backends.torch.distributed import from_main
 from lowbit.backends.torch.fake_quant import (
     BiasFakeQuant,
@@ -44,7 +45,7 @@ from lowbit.config import (
 )
 from lowbit.quant.plan import QuantizationPlan, Treatment
 from lowbit.quant.scheme import Granularity, TensorQuantParams
-from lowbit.quant.weight_rules import weight_bits
+from lowbit.quant.weight_rules import granularity_label, weight_bits
 from lowbit.stages.base import RunContext, register
 
 
@@ -72,7 +73,7 @@ def qat_stage(config: QatConfig, ctx: RunContext) -> dict[str, Any]:
         outcome = quantize_int8(ctx.fm, calib, int8, threads=ctx.threads, variant=chosen)
     plan = outcome.plan
     reduce = bool(plan.metadata.get("reduce_range"))
-    quants = weight_fake_quants(plan, config, reduce, set(ctx.clusters))
+    quants = weight_fake_quants(plan, config, reduce, set(ctx.clusters), ctx.fm)
     tune = ctx.fine_tune_possible(config.epochs)
     hooks: dict[str, Any] = {}
     fm = ctx.fm
@@ -138,20 +139,26 @@ def weight_only_qat(config: QatConfig, ctx: RunContext, train: Any) -> dict[str,
 
 
 def weight_fake_quants(plan: QuantizationPlan, config: QatConfig, reduce_range: bool,
-                       clustered: set[str]) -> dict[str, WeightFakeQuant]:
+                       clustered: set[str], fm: Any) -> dict[str, WeightFakeQuant]:
     """The fake quantization of every quantized weight, by initializer name: the plan's
-    granularity (per tensor for clustered weights: one code per shared value), at the
-    node's bits (8 becomes 7 where the plan keeps weights in the reduced range)."""
+    granularity at 8 bits (auto's per-tensor choice is measured for 8-bit weights), per
+    channel below 8 bits, per tensor for clustered weights (one code per shared value);
+    at the node's bits (8 becomes 7 where the plan keeps weights in the reduced range)."""
+    out_axis = {w.name: w.out_axis for w in weighted_nodes(fm)[0]}
     out: dict[str, WeightFakeQuant] = {}
     for node in plan.nodes_with(Treatment.STATIC, Treatment.DYNAMIC):
         params = plan.tensors.get(node.weight) if node.weight else None
         if params is None or node.recurrence is not None:
             continue  # (an LSTM keeps its post-training weights)
         bits = config.bits_of(node.name)
+        granularity, axis = params.granularity, params.axis
         if bits == 8:
             bits = weight_bits(reduce_range)
-        granularity = Granularity.TENSOR if node.weight in clustered else params.granularity
-        out[node.weight] = WeightFakeQuant(bits, granularity, params.axis)
+        elif node.name in out_axis:
+            granularity, axis = Granularity.CHANNEL, out_axis[node.name]
+        if node.weight in clustered:
+            granularity = Granularity.TENSOR
+        out[node.weight] = WeightFakeQuant(bits, granularity, axis)
     return out
 
 
@@ -195,5 +202,9 @@ def requantized(plan: QuantizationPlan, fm: Any, quants: dict[str, WeightFakeQua
     tensors = dict(plan.tensors)
     for name, quant in quants.items():
         tensors[name] = quant.params(np.asarray(fm.constant(name), np.float32))
-    out = dataclasses.replace(plan, tensors=tensors, weight_values={})
+    labels = {n.name: f"{granularity_label(tensors[n.weight])}, {quants[n.weight].bits}-bit"
+              for n in plan.nodes.values() if n.weight in quants}
+    decisions = [dataclasses.replace(d, weights=labels[d.name]) if d.name in labels else d
+                 for d in plan.decisions]  # (the label said 8- or 7-bit before QAT's bits)
+    out = dataclasses.replace(plan, tensors=tensors, weight_values={}, decisions=decisions)
     return fill_activations(out, fm, activations)
