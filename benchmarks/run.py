@@ -131,36 +131,6 @@ def bench_b2(tmp: Path) -> list[dict]:
                          f"accuracy float {accuracy(ref, y_te):.4f} INT8 {accuracy(q, y_te):.4f}")}]
 
 
-def bench_demo(tmp: Path) -> list[dict]:
-    from lowbit.data import digits_split
-    from lowbit.demo import run_demo
-
-    t0 = time.perf_counter()
-    report = run_demo(tmp / "demo")
-    secs = time.perf_counter() - t0
-    acc = report["verification"]["agreement"]["accuracy"]
-    lat = report["verification"]["latency"]
-    # The same float model with every Conv/Gemm forced to static INT8.
-    x_tr, _, x_te, y_te = digits_split(0)
-    rng = np.random.default_rng(0)
-    static = lowbit.quantize(str(tmp / "demo" / "digits_cnn.float.onnx"),
-                             x_tr[rng.choice(len(x_tr), 256, replace=False)],
-                             eval_data=(x_te, y_te), mode="static", batch=64)
-    s_acc = static.report["verification"]["agreement"]["accuracy"]
-    s_lat = static.report["verification"]["latency"]
-    return [{"id": "B4", "what": "demo: INT8 test-accuracy drop (digits CNN)",
-             "target": "<= 0.3 points, demo < 60 s",
-             "measured": (f"auto (the demo): {acc['drop_points']:.2f} points; all-static INT8: "
-                          f"{s_acc['drop_points']:.2f} points; demo {secs:.1f} s"),
-             "pass": acc["drop_points"] <= 0.3 and s_acc["drop_points"] <= 0.3 and secs < 60,
-             "details": (f"float {acc['float']:.4f}, demo INT8 {acc['compressed']:.4f}, "
-                         f"all-static INT8 {s_acc['compressed']:.4f} on 360 test images. Speed at "
-                         f"batch {lat['batch']}: demo {lat['speedup']:.2f}x "
-                         f"({report['nodes']['counts']}; auto keeps the 1-channel Conv in float "
-                         f"because INT8 measured slower for it), all-static "
-                         f"{s_lat['speedup']:.2f}x: this model is too small for integer kernels")}]
-
-
 _BIG_SCRIPT = r"""
 import json, sys, time
 import numpy as np, onnx, lowbit
@@ -226,14 +196,22 @@ def _compression(name: str):
     return run
 
 
-BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": bench_demo, "B5": bench_b5,
+BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": _module("chain", "bench_demo_chain"),
+           "B5": bench_b5,
            "C1": _compression("bench_deep_compression"), "C4": _compression("bench_structured"),
            "C5": _compression("bench_big_prune_cluster"),
            "W1": _module("weight_only", "bench_int4_decoder"),
            "W2": _module("weight_only", "bench_gptq_100m"),
            "W3": _module("encoder_int8", "bench_minilm"),
            "Z": _module("zoo", "bench_zoo"),
-           "L1": _module("large_input", "bench_large_input")}
+           "L1": _module("large_input", "bench_large_input"),
+           "O1": _module("ocr", "bench_ocr"),
+           "OC": _module("coverage", "bench_coverage"),
+           "T4": _module("chain", "bench_lenet5_chain"),
+           "T2b": _module("chain", "bench_gpt_qat"),
+           "T1": _module("training", "bench_distill"),
+           "T2": _module("training", "bench_qat"),
+           "T5": _module("training", "bench_bf16")}
 
 
 def render(rows: list[dict]) -> str:
