@@ -127,8 +127,11 @@ def test_quantize_uses_the_chosen_batch(monkeypatch):
 
 def test_selection_is_a_few_samples_for_large_activations():
     mb = 2**20
-    assert selection_size(48, 155 * mb) == 13  # the DBNet-style detector at 736x1216
+    assert selection_size(48, 155 * mb) == 4  # the DBNet-style detector at 736x1216 (L1)
+    assert selection_size(48, 434 * mb) == 4  # PP-OCRv4's detector at 736x1216
+    assert selection_size(256, 42 * mb) == 12  # PP-OCRv4's recognizer at 3x48x320
     assert selection_size(48, 1200 * mb) == 4  # never fewer than MIN_SELECTION_SAMPLES
+    assert selection_size(128, 6.75 * mb) == 64  # MiniLM at seq 64: unchanged
     assert selection_size(500, 10 * 1024) == 64  # small models: unchanged
     assert selection_size(3, 1200 * mb) == 3
     assert selection_size(500, None) == 64
@@ -201,3 +204,74 @@ def test_speed_probe_times_alike_convs_once(monkeypatch):
     slow = speed_probe.slow_int8_convs(fm, convs, observers, threads=1)
     assert len(calls) == 1  # three depthwise convs alike: timed once
     assert len(slow) == 3 and all("2.00x slower" in why for why in slow.values())
+
+
+# ------------------------------------------------------- threads of untimed runs
+
+
+def _timed_sessions(monkeypatch, fast: int, many: int = 4):
+    """Calibration sessions made through ``calibrate._session``, recorded by thread count;
+    a run at ``fast`` threads is quick, any other sleeps (a stand-in for a busy or an idle
+    machine)."""
+    import time
+
+    made: list[int] = []
+    real = calibrate_module._session
+
+    class Timed:
+        def __init__(self, session, threads):
+            self.session, self.threads = session, threads
+
+        def run(self, names, feed):
+            if self.threads != fast:
+                time.sleep(0.05)
+            return self.session.run(names, feed)
+
+    def fake(model, group, threads):
+        made.append(threads)
+        return Timed(real(model, group, threads), threads)
+
+    monkeypatch.setattr(calibrate_module, "work_threads", lambda threads=1: max(threads, many))
+    monkeypatch.setattr(calibrate_module, "_session", fake)
+    return made
+
+
+@pytest.mark.parametrize("fast, chosen, sessions", [(4, 4, [4, 1, 4]), (1, 1, [4, 1])])
+def test_calibration_runs_at_the_threads_that_measure_faster(monkeypatch, fast, chosen, sessions):
+    fm = normalise(wide_model(batch=1, side=16))
+    data = Dataset({"x": _data(10, side=16)}, fixed_batch=1)
+    tensors = ["x", "r0", "r1", "r2"]
+    plain = run_calibration(fm, data, tensors, batch_size=8)  # (this machine's CPUs)
+    made = _timed_sessions(monkeypatch, fast)
+    run = run_calibration(fm, data, tensors, batch_size=8)
+    assert made == sessions and run.threads == chosen
+    for t in tensors:  # every sample observed once, whatever the sessions: the same histograms
+        a, b = plain.observers[t], run.observers[t]
+        assert (a.min, a.max, a.seen) == (b.min, b.max, b.seen)
+        assert np.array_equal(a.counts, b.counts)
+
+
+def test_a_short_calibration_runs_at_the_given_threads(monkeypatch):
+    fm = normalise(wide_model(batch=1, side=16))
+    made = _timed_sessions(monkeypatch, fast=4)
+    run = run_calibration(fm, Dataset({"x": _data(calibrate_module.TRIAL_RUNS - 1, side=16)},
+                                      fixed_batch=1), ["r0", "r2"], batch_size=8, threads=2)
+    assert made == [2] and run.threads == 2  # too few runs to try: no second session
+
+
+def test_methods_are_scored_at_the_calibration_threads(monkeypatch):
+    fm = normalise(wide_model(batch=1, side=16))
+    _timed_sessions(monkeypatch, fast=4)
+    made: list[tuple[str, int]] = []
+    real = quantize_module.make_session
+
+    def spy(model, *, threads=1, name="model", **kwargs):
+        made.append((name, threads))
+        return real(model, threads=threads, name=name, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "make_session", spy)
+    out = quantize_int8(fm, Dataset({"x": _data(10, side=16)}, fixed_batch=1),
+                        Int8Config(mode="static", calibration="auto"), batch=1)
+    assert out.calibration["threads"] == 4
+    assert made and all(threads == 4 for _, threads in made)  # the reference and 4 methods
+    assert sum(name == "quantized candidate" for name, _ in made) == 4

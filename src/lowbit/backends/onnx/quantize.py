@@ -51,9 +51,12 @@ CONCRETE_METHODS = (CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE,
                     CalibrationMethod.MSE, CalibrationMethod.ENTROPY)
 SELECTION_SAMPLES = 64  # calibration samples that score methods and candidates, at most
 # ... and at most this many bytes of observed activations run through per model scored
-# (at least MIN_SELECTION_SAMPLES): a DBNet-style detector on 1x3x736x1216 (155 MB a
-# sample) scores on 13 samples, not 64 (each method and candidate runs them all)
-SELECTION_BYTES = 2 * 2**30
+# (at least MIN_SELECTION_SAMPLES): each method and candidate runs them all. A DBNet-style
+# detector on 1x3x736x1216 (155 MB a sample; PP-OCRv4's detector 434 MB) scores on 4
+# samples, PP-OCRv4's recognizer at 3x48x320 (42 MB) on 12; models up to 8 MB a sample
+# (MiniLM at seq 64: 6.8 MB) on 64. With 2 GB, L1 scored on 13 samples, which took longer
+# than calibrating on 48 and chose a method within 0.3 dB of the 4-sample choice.
+SELECTION_BYTES = 512 * 2**20
 MIN_SELECTION_SAMPLES = 4
 ProgressFn = Callable[[str, int, int], None]
 
@@ -69,7 +72,7 @@ class Int8Outcome:
     warnings: list[str] = field(default_factory=list)
     variant: Variant | None = None  # what the plan was built with (a rebuild reuses it)
     search: dict[str, Any] = field(default_factory=dict)  # the candidates timed, if any
-    # how calibration ran: batch, activation bytes per sample, passes, selection samples
+    # how calibration ran: batch, activation bytes per sample, passes, threads, selection samples
     calibration: dict[str, Any] = field(default_factory=dict)
 
 
@@ -254,7 +257,9 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
     selection = calib.take(0, selection_size(
         calib.num_samples, run.bytes_per_sample if run is not None else None))
     # float outputs on a few samples: scores calibration methods and candidates alike
-    reference = _outputs(make_session(fm, threads=threads, lean=True), selection,
+    # untimed work runs at the threads the calibration runs measured fastest
+    work = run.threads if run is not None else threads
+    reference = _outputs(make_session(fm, threads=work, lean=True), selection,
                          config.batch_size) if len(plans) > 1 or (
         config.calibration is CalibrationMethod.AUTO and plan.observed) else None
     release_memory()
@@ -265,7 +270,7 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
         if not p.observed:
             filled.append((v, p))
         elif k == 0:
-            chosen, scores, best = _choose_method(fm, p, observers, selection, config, threads,
+            chosen, scores, best = _choose_method(fm, p, observers, selection, config, work,
                                                   progress, reference)
             filled.append((v, best))
         else:
@@ -293,7 +298,7 @@ def quantize_int8(fm: FloatModel, calibration: Dataset, config: Int8Config, *,
     v, best = filled[index]
     info: dict[str, Any] = {}
     if run is not None:
-        info = {"batch": run.batch, "passes": run.passes,
+        info = {"batch": run.batch, "passes": run.passes, "threads": run.threads,
                 "activation_mb_per_sample": round(run.bytes_per_sample / 2**20, 3),
                 "selection_samples": selection.num_samples}
     return Int8Outcome(best, model if model is not None else write_model(fm, best), chosen,
@@ -307,7 +312,8 @@ def _choose_method(fm: FloatModel, plan: QuantizationPlan, observers: dict[str, 
     """The calibration method whose plan gives the best output SQNR on ``selection`` (a
     few calibration samples; ``reference``: the float model's outputs on them).
 
-    Each candidate is written, run and dropped (one candidate in memory at a time)."""
+    Each candidate is written, run and dropped (one candidate in memory at a time).
+    ``threads``: of these untimed runs (the calibration's, ``CalibrationRun.threads``)."""
     methods = list(CONCRETE_METHODS) if config.calibration is CalibrationMethod.AUTO \
         else [config.calibration]
 

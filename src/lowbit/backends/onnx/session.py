@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,24 @@ _ORT_TO_NUMPY = {
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int16)": np.int16,
 }
+
+
+def work_threads(threads: int = 1) -> int:
+    """Intra-op threads for untimed work (calibration passes, float references, scoring
+    candidates on samples): every CPU this process may run on, at least ``threads``.
+
+    ``threads`` is what the user times and ships at; work whose duration is not reported
+    need not be slowed to it (onnxruntime's own ``quantize_static`` calibrates on every
+    core). ONNX Runtime splits a kernel's work across threads by output, not by reduction
+    order: the outputs are bit-identical (checked on the PP-OCR detector and recognizer).
+    On a busy machine more threads can be slower (one run of the PP-OCR detector took
+    1.5x as long with 2 threads as with 1 while another process held one of 2 cores):
+    ``calibrate.run_calibration`` times both before it commits."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not Linux)
+        cpus = os.cpu_count() or 1
+    return max(int(threads), cpus, 1)
 
 
 def make_session(
