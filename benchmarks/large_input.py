@@ -31,12 +31,12 @@ TARGET_SECONDS = 120.0
 TARGET_VS_ORT = 3.0
 TARGET_EXTRA_MB = 2048.0
 
-_ORT_SCRIPT = r"""
+ORT_STATIC_SCRIPT = r"""
 import sys
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-src, dst, data = sys.argv[1:4]
+src, dst, data, name = sys.argv[1:5]
 x = np.load(data)["x"]  # [n, 1, 3, H, W]: whole samples
 
 class Reader(CalibrationDataReader):
@@ -45,7 +45,7 @@ class Reader(CalibrationDataReader):
 
     def get_next(self):
         i = next(self.it, None)
-        return None if i is None else {"input": x[i]}
+        return None if i is None else {name: x[i]}
 
 quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
 """
@@ -180,9 +180,9 @@ def measure(tmp: Path, height: int = 736, width: int = 1216, samples: int = 60,
                   "stage_seconds": report.get("seconds", {})})
         rows[mode] = r
     script = tmp / "ort_static.py"
-    script.write_text(_ORT_SCRIPT)
+    script.write_text(ORT_STATIC_SCRIPT)
     rows["ort"] = _timed([sys.executable, str(script), str(model_path),
-                          str(tmp / "dbnet.ort.onnx"), str(data_path)], env)
+                          str(tmp / "dbnet.ort.onnx"), str(data_path), "input"], env)
     return rows
 
 

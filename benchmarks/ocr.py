@@ -47,7 +47,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import time_side_by_side  # noqa: E402
-from large_input import TARGET_EXTRA_MB, TARGET_SECONDS, TARGET_VS_ORT, _timed  # noqa: E402
+from large_input import (  # noqa: E402
+    ORT_STATIC_SCRIPT,
+    TARGET_EXTRA_MB,
+    TARGET_SECONDS,
+    TARGET_VS_ORT,
+    _timed,
+)
 
 PACKAGE = "rapidocr_onnxruntime"
 MODELS = {"det": "ch_PP-OCRv4_det_infer.onnx", "rec": "ch_PP-OCRv4_rec_infer.onnx",
@@ -58,26 +64,6 @@ CLS_SHAPE = (48, 192)
 ALPHABET = string.ascii_letters + string.digits
 FONTS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
          "/usr/share/fonts/dejavu/DejaVuSans.ttf")
-
-_ORT_SCRIPT = r"""
-import sys
-import numpy as np
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-src, dst, data, name = sys.argv[1:5]
-x = np.load(data)["x"]  # [n, 1, 3, H, W]: whole samples
-
-class Reader(CalibrationDataReader):
-    def __init__(self):
-        self.it = iter(range(len(x)))
-
-    def get_next(self):
-        i = next(self.it, None)
-        return None if i is None else {name: x[i]}
-
-quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-"""
-
 
 # ---------------------------------------------------------------- models
 
@@ -268,7 +254,7 @@ def measure_model(tmp: Path, key: str, calib: np.ndarray, held: np.ndarray,
     np.savez(data, x=calib)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = tmp / "ort_static.py"
-    script.write_text(_ORT_SCRIPT)
+    script.write_text(ORT_STATIC_SCRIPT)
     lb_path, ort_path = tmp / f"{key}.lowbit.onnx", tmp / f"{key}.ort.onnx"
     lb = _timed([sys.executable, "-m", "lowbit", "quantize", src, "-o", str(lb_path), "--data",
                  str(data), "--quiet"], env)

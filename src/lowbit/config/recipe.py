@@ -202,6 +202,24 @@ def recipe_from_text(text: str, source: str = "<recipe>", *, name: str = "recipe
     return Recipe(name=name, stages=stages, distill=distill, description=description)
 
 
+def _built(make: Any, known_fields: Any, options: dict[str, tuple[yaml.Node, yaml.Node]],
+           node: yaml.Node, where: Where, label: str) -> Any:
+    """``make(values)`` from a mapping of options; an unknown option or a value the
+    config refuses is one line naming the file, the line and ``label``."""
+    known = [f.name for f in known_fields]
+    for key, (key_node, _) in options.items():
+        if key not in known:
+            raise ValidationError(f"{where(key_node)}: {label}: unknown option {key!r}; "
+                                  f"known: {', '.join(known)}")
+    values = {k: node_value(v, where) for k, (_, v) in options.items()}
+    try:
+        return make(values)
+    except ValidationError as exc:
+        raise ValidationError(f"{_line_of(str(exc), options, node, where)}: {label}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # a value of a type no check foresaw
+        raise ValidationError(f"{where(node)}: {label}: bad value ({exc})") from None
+
+
 def _text(top: dict[str, tuple[yaml.Node, yaml.Node]], key: str, where: Where,
           default: str) -> str:
     if key not in top:
@@ -227,16 +245,8 @@ def _distill(entry: tuple[yaml.Node, yaml.Node] | None, where: Where) -> Distill
         raise ValidationError(f"{where(node)}: distill: expected true, false or a mapping of "
                               "temperature, alpha, loss")
     options = mapping(node, where, "distill")
-    known = [f.name for f in fields(DistillSettings)]
-    for key, (key_node, _) in options.items():
-        if key not in known:
-            raise ValidationError(f"{where(key_node)}: distill: unknown option {key!r}; "
-                                  f"known: {', '.join(known)}")
-    values = {k: node_value(v, where) for k, (_, v) in options.items()}
-    try:
-        return DistillSettings(**values)
-    except ValidationError as exc:
-        raise ValidationError(f"{_line_of(str(exc), options, node, where)}: distill: {exc}") from None
+    return _built(lambda values: DistillSettings(**values), fields(DistillSettings), options,
+                  node, where, "distill")
 
 
 def _kinds() -> str:
@@ -277,20 +287,8 @@ def _stage(node: yaml.Node, number: int, where: Where) -> StageConfig:
                               f"known: {_kinds()}")
     kind = STAGE_ALIASES.get(kind, kind)
     config_type = CONFIG_TYPES[kind]
-    known = [f.name for f in fields(config_type)]
-    for key, (key_node, _) in options.items():
-        if key not in known:
-            raise ValidationError(f"{where(key_node)}: stage {number} ({kind}): unknown option "
-                                  f"{key!r}; known: {', '.join(known)}")
-    values = {k: node_value(v, where) for k, (_, v) in options.items()}
-    try:
-        return config_type.from_dict(values)
-    except ValidationError as exc:
-        line = _line_of(str(exc), options, options_node, where)
-        raise ValidationError(f"{line}: stage {number} ({kind}): {exc}") from None
-    except (TypeError, ValueError) as exc:  # a value of a type no check foresaw
-        raise ValidationError(f"{where(options_node)}: stage {number} ({kind}): bad value "
-                              f"({exc})") from None
+    return _built(config_type.from_dict, fields(config_type), options, options_node, where,
+                  f"stage {number} ({kind})")
 
 
 def _line_of(message: str, options: dict[str, tuple[yaml.Node, yaml.Node]], fallback: yaml.Node,
