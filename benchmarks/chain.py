@@ -74,7 +74,7 @@ def bench_lenet5_chain(tmp: Path) -> list[dict]:
     t0 = time.perf_counter()
     module = train_classifier(lenet5(28), x_tr, y_tr, epochs=8, lr=1e-3, seed=0)
     proto = export_module(module, x_tr[:2])
-    stages = [PruneConfig(sparsity=0.95, scope="global", epochs=6, lr=1e-3),
+    stages = [PruneConfig(sparsity=0.95, scope="global", epochs=12, lr=1e-3),
               ClusterConfig(bits=4, epochs=1, lr=1e-4), QatConfig(epochs=1, lr=1e-4)]
     result = lowbit.run(proto, stages, data=(x_tr, y_tr), eval_data=(x_te, y_te), batch=64,
                         distill=DistillSettings(), tool="benchmark T4")
