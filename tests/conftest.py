@@ -18,3 +18,11 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's bundled digits, the fixed seeded split (``lowbit.data.digits_split``)."""
+    from lowbit.data import digits_split
+
+    return digits_split()

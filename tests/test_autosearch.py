@@ -21,17 +21,11 @@ from lowbit.backends.onnx.session import make_session
 from lowbit.backends.torch.export import export_module
 from lowbit.backends.torch.train import train_classifier
 from lowbit.container import encode
-from lowbit.data import digits_split
 from lowbit.errors import DataError, ValidationError
 from lowbit.metrics import accuracy, mean_cosine
 from lowbit.pipeline import check_stages
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_split()
 
 
 @pytest.fixture(scope="module")

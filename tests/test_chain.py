@@ -11,17 +11,11 @@ from lowbit import models
 from lowbit.backends.torch.export import export_module
 from lowbit.backends.torch.train import train_classifier
 from lowbit.config import ClusterConfig, Int8Config, PruneConfig, QatConfig
-from lowbit.data import digits_split
 from lowbit.errors import ValidationError
 from lowbit.pipeline import run
 from lowbit.stages import base
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_split()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from lowbit.config import (
     PruneConfig,
     QatConfig,
 )
-from lowbit.data import Dataset, digits_split
+from lowbit.data import Dataset
 from lowbit.errors import ValidationError
 from lowbit.metrics import accuracy
 from lowbit.pipeline import run
@@ -37,11 +37,6 @@ from lowbit.stages.qat import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_split()
 
 
 @pytest.fixture(scope="module")
