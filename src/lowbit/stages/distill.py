@@ -1,5 +1,6 @@
-"""Knowledge distillation: the teacher (the run's original model, or one the user
-names) and the stage that trains the current float model on its outputs."""
+"""Knowledge distillation: the check that a student can learn from its teacher, and the
+stage that trains the current float model on the teacher's outputs (the teacher is the
+run's original model unless the user names one; ``backends/onnx/teacher.py`` runs it)."""
 
 from __future__ import annotations
 
