@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -137,16 +136,14 @@ BENCHES = {"B4": bench_demo_chain, "T4": bench_lenet5_chain, "T2b": bench_gpt_qa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default="")
-    args = parser.parse_args()
-    wanted = [s for s in args.only.split(",") if s] or list(BENCHES)
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in wanted:
-            for row in BENCHES[key](Path(tmp)):
-                print(f"| {row['id']} | {row['what']} | {row['target']} | {row['measured']} | "
-                      f"{'pass' if row['pass'] else 'MISS'} | {row['details']} |", flush=True)
-    return 0
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated ids, e.g. B4,T4")
+    from run import collect, render
+
+    rows = collect(BENCHES, parser.parse_args().only)
+    print(render(rows))
+    return 0 if all(r["pass"] for r in rows) else 1
 
 
 if __name__ == "__main__":

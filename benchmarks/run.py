@@ -214,6 +214,22 @@ BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": _module("chain", "bench_demo
            "T5": _module("training", "bench_bf16")}
 
 
+def collect(benches: dict, only: str) -> list[dict]:
+    """The rows of the benchmarks ``only`` names (comma-separated ids; all if empty), each
+    run in one temporary folder; an unknown id stops before any runs."""
+    wanted = [s.strip() for s in only.split(",") if s.strip()] or list(benches)
+    unknown = [w for w in wanted if w not in benches]
+    if unknown:
+        raise SystemExit(f"unknown ids {unknown}; known: {', '.join(benches)}")
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
+        for key in wanted:
+            t0 = time.perf_counter()
+            rows += benches[key](Path(tmp))
+            print(f"[{key} done in {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+    return rows
+
+
 def render(rows: list[dict]) -> str:
     env = {**cpu_info(), **versions()}
     lines = [f"## Results ({date.today().isoformat()})", "",
@@ -236,13 +252,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(2)
-    wanted = [s.strip() for s in args.only.split(",") if s.strip()] or list(BENCHES)
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
-        for key in wanted:
-            t0 = time.perf_counter()
-            rows += BENCHES[key](Path(tmp))
-            print(f"[{key} done in {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+    rows = collect(BENCHES, args.only)
     text = render(rows)
     print(text)
     if args.write:

@@ -33,7 +33,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -418,18 +417,9 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated ids, e.g. T1,T5")
     args = parser.parse_args()
-    from run import render
+    from run import collect, render
 
-    wanted = [s.strip() for s in args.only.split(",") if s.strip()] or list(BENCHES)
-    unknown = [w for w in wanted if w not in BENCHES]
-    if unknown:
-        parser.error(f"unknown ids {unknown}; known: {', '.join(BENCHES)}")
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="lowbit-bench-training-") as tmp:
-        for key in wanted:
-            t0 = time.perf_counter()
-            rows += BENCHES[key](Path(tmp))
-            print(f"[{key} done in {time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+    rows = collect(BENCHES, args.only)
     print(render(rows))
     return 0 if all(r["pass"] for r in rows) else 1
 

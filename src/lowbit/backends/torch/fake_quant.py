@@ -143,10 +143,10 @@ def make_activation_fake_quant(params: TensorQuantParams, *, learned: bool,
             if learned:
                 self.scale = torch.nn.Parameter(torch.tensor(s, dtype=torch.float32))
                 self.zero_point = torch.nn.Parameter(torch.tensor(z, dtype=torch.float32))
-            self._frozen: tuple[Any, Any] | None = None
+            self._fixed: tuple[Any, Any] | None = None  # (scale, zero point) of the state
 
         def train(self, mode: bool = True) -> Any:
-            self._frozen = None  # eval parameters are recomputed from the trained state
+            self._fixed = None  # eval parameters are recomputed from the trained state
             return super().train(mode)
 
         def forward(self, x: Any) -> Any:
@@ -155,33 +155,31 @@ def make_activation_fake_quant(params: TensorQuantParams, *, learned: bool,
                     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
                     self.lo.mul_(1 - EMA_MOMENTUM).add_(EMA_MOMENTUM * lo)
                     self.hi.mul_(1 - EMA_MOMENTUM).add_(EMA_MOMENTUM * hi)
+                    self._fixed = None  # the range moved
             return self.apply_to(x)
+
+        def fixed(self) -> tuple[Any, Any]:
+            """(scale, zero point) tensors of ``export_params``, computed once per state."""
+            if self._fixed is None:
+                p = self.export_params()
+                self._fixed = (torch.tensor(float(p.scale), dtype=torch.float32),
+                               torch.tensor(float(p.zero_point), dtype=torch.float32))
+            return self._fixed
 
         def apply_to(self, x: Any) -> Any:
             """Fake quantize ``x`` with the current parameters (no range update)."""
-            if not self.training:
-                if self._frozen is None:
-                    p = self.export_params()
-                    self._frozen = (torch.tensor(float(p.scale), dtype=torch.float32),
-                                    torch.tensor(float(p.zero_point), dtype=torch.float32))
-                return fake_quantize(x, *self._frozen, self.qmin, self.qmax)
-            if self.learned:
+            if self.training and self.learned:
                 factor = 1.0 / math.sqrt(max(1, x[0].numel()) * self.qmax)
                 scale = _grad_scaled(self.scale.abs().clamp_min(1e-8), factor)
                 zp = round_ste(_grad_scaled(self.zero_point, factor)).clamp(self.qmin, self.qmax)
                 return fake_quantize(x, scale, zp, self.qmin, self.qmax)
-            p = self.export_params()
-            return fake_quantize(x, torch.tensor(float(p.scale), dtype=torch.float32),
-                                 torch.tensor(float(p.zero_point), dtype=torch.float32),
-                                 self.qmin, self.qmax)
+            return fake_quantize(x, *self.fixed(), self.qmin, self.qmax)
 
         def scale_now(self) -> Any:
             """The scale this module quantizes with now (no gradient)."""
             if self.training and self.learned:
                 return self.scale.detach().abs().clamp_min(1e-8)
-            if not self.training and self._frozen is not None:
-                return self._frozen[0]
-            return torch.tensor(float(self.export_params().scale), dtype=torch.float32)
+            return self.fixed()[0]
 
         def shared(self) -> Any:
             """A module for a tensor that shares these parameters (an 8-bit passthrough
