@@ -26,15 +26,22 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return float(min(200.0, 10.0 * np.log10(signal / noise)))
 
 
-def mean_cosine(reference: np.ndarray, approx: np.ndarray) -> float:
-    """Mean over samples (first axis) of the cosine similarity of flattened outputs."""
-    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
-    app = np.asarray(approx, dtype=np.float64).reshape(len(approx), -1)
-    num = np.sum(ref * app, axis=1)
-    den = np.linalg.norm(ref, axis=1) * np.linalg.norm(app, axis=1)
-    cos = np.where(den > 0, num / np.where(den > 0, den, 1.0),
-                   np.where(np.all(ref == app, axis=1), 1.0, 0.0))
-    return float(np.mean(cos))
+def mean_cosine(reference: np.ndarray, approx: np.ndarray, chunk: int = 1 << 20) -> float:
+    """Mean over samples (first axis) of the cosine similarity of flattened outputs, a
+    few rows (about ``chunk`` values) at a time so large outputs need little memory."""
+    n = len(reference)
+    step = max(1, chunk // max(1, int(np.prod(np.shape(reference)[1:]))))
+    total = 0.0
+    for i in range(0, n, step):
+        ref = np.asarray(reference[i : i + step], dtype=np.float64)
+        ref = ref.reshape(len(ref), -1)
+        app = np.asarray(approx[i : i + step], dtype=np.float64).reshape(len(ref), -1)
+        num = np.sum(ref * app, axis=1)
+        den = np.linalg.norm(ref, axis=1) * np.linalg.norm(app, axis=1)
+        cos = np.where(den > 0, num / np.where(den > 0, den, 1.0),
+                       np.where(np.all(ref == app, axis=1), 1.0, 0.0))
+        total += float(np.sum(cos))
+    return float(total / n) if n else float("nan")
 
 
 def top1_agreement(reference: np.ndarray, approx: np.ndarray) -> float | None:

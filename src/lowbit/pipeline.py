@@ -191,9 +191,12 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
     if teacher is not None and distill is None and not any(isinstance(c, DistillConfig)
                                                            for c in stages):
         distill = DistillSettings()  # naming a teacher asks for distillation
-    if data is None and any(isinstance(c, (Int8Config, MixedPrecisionConfig, QatConfig,
-                                           DistillConfig)) for c in stages):
-        raise ValidationError("quantization needs data (--data) to calibrate and verify")
+    needs = [c for c in stages if isinstance(c, (Int8Config, MixedPrecisionConfig, QatConfig,
+                                                  DistillConfig))]
+    if data is None and needs:
+        what = "quantization" if not isinstance(needs[0], DistillConfig) else "distillation"
+        raise ValidationError(f"{what} needs data (--data) to calibrate, train and verify "
+                              f"(stage {needs[0].kind})")
     if data is None and any(getattr(c, "epochs", 0) > 0 for c in stages):
         raise ValidationError("option epochs: fine-tuning needs data with labels (--data)")
     check_run_settings(threads=threads)

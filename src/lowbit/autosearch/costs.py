@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from lowbit.config import StageConfig
+from lowbit.config.order import QUANTIZE_CONFIGS
 
 SAFETY = 1.2
-QUANTIZE_KINDS = ("quantize-int8", "quantize-qat", "quantize-weight-only", "quantize-mixed")
+QUANTIZE_KINDS = tuple(c.kind for c in QUANTIZE_CONFIGS)
 TRAIN_OVER_INFERENCE = 10.0  # a training epoch vs one inference pass over the same samples
 SECONDS_PER_BATCH = 0.004  # the training loop's own cost per batch (32 samples)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from lowbit.autosearch.costs import Costs
+from lowbit.autosearch.costs import QUANTIZE_KINDS, Costs
 from lowbit.autosearch.outcome import SearchOutcome, Trial, search_section, summary_text
 from lowbit.autosearch.path import (
     Plan,
@@ -312,7 +312,7 @@ class _Search:
     def _finish(self) -> SearchOutcome:
         seconds = time.perf_counter() - self.start
         cm, d = self.best_model, self.d
-        quantized = any(s["kind"].startswith("quantize") for s in self.best.stages)
+        quantized = any(s["kind"] in QUANTIZE_KINDS for s in self.best.stages)
         verification = verify(d.fm, cm.model, d.val.data, threads=self.options.threads,
                               batch=d.batch, quantized=quantized, claims_speed=False,
                               timed=False)

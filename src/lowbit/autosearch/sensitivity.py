@@ -30,6 +30,7 @@ from lowbit.data import Dataset
 from lowbit.errors import DataError, LowbitError
 from lowbit.metrics import accuracy, mean_cosine
 from lowbit.pruning.magnitude import layer_mask
+from lowbit.quant import affine
 
 # Below this output cosine (or with half the accuracy lost) a level has collapsed the
 # model: the stronger levels of that technique on that layer count as at least as bad,
@@ -182,11 +183,8 @@ def _level_key(technique: str, level: float) -> str:
 
 def _coarse_grid(w: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """Symmetric per-channel rounding to ``bits`` (the grid QAT's coarser weights use)."""
-    others = tuple(i for i in range(w.ndim) if i != axis)
-    top = np.max(np.abs(w), axis=others, keepdims=True) if others else np.abs(w)
-    q = float(2 ** (bits - 1) - 1)
-    scale = np.where(top > 0, top / q, 1.0)
-    return (np.clip(np.round(w / scale), -q, q) * scale).astype(np.float32)
+    params = affine.weight_params_per_channel(w, axis=axis, bits=bits)
+    return affine.dequantize(affine.quantize(w, params), params).astype(np.float32)
 
 
 def variant(fm: FloatModel, layer: Layer, technique: str, level: float) -> FloatModel | str:

@@ -34,7 +34,7 @@ def compare_stages(original: onnx.ModelProto, snapshots: list[tuple[str, onnx.Mo
         row: dict[str, Any] = {"stage": label, "onnx_bytes": model.ByteSize(),
                                "lbz_bytes": known if known is not None else len(encode(model))}
         if holdout is not None and reference is not None:
-            out = run_batches(session, holdout)[0]
+            out = reference if label == "original" else run_batches(session, holdout)[0]
             acc = accuracy(out, holdout.labels) if holdout.labels is not None else None
             if acc is not None:
                 row["accuracy"] = round(acc, 5)

@@ -62,7 +62,7 @@ def agreement(reference: list[np.ndarray], approx: list[np.ndarray],
     out: dict[str, Any] = {
         "samples": int(ref.shape[0]),
         "sqnr_db": round(float(np.mean([sqnr_db(r, a) for r, a in zip(reference, approx)])), 3),
-        "cosine": round(_mean_cosine(ref, app), 6),
+        "cosine": round(mean_cosine(ref, app), 6),
         "top1_agreement": top1_agreement(ref, app) if class_scores or labels is not None
         else None,
     }
@@ -72,15 +72,6 @@ def agreement(reference: list[np.ndarray], approx: list[np.ndarray],
             out["accuracy"] = {"float": round(acc_f, 6), "compressed": round(acc_q, 6),
                                "drop_points": round(100.0 * (acc_f - acc_q), 3)}
     return out
-
-
-def _mean_cosine(ref: np.ndarray, app: np.ndarray, chunk: int = 1 << 20) -> float:
-    """``mean_cosine`` over rows taken a few at a time (about ``chunk`` values each)."""
-    n = len(ref)
-    step = max(1, chunk // max(1, int(np.prod(ref.shape[1:]))))
-    total = sum(mean_cosine(ref[i : i + step], app[i : i + step]) * len(ref[i : i + step])
-                for i in range(0, n, step))
-    return float(total / max(n, 1))
 
 
 def speed_reasons(model: onnx.ModelProto, optimized: onnx.ModelProto | None = None) -> list[str]:

@@ -2,7 +2,7 @@
 
 Under ``torchrun --nproc_per_node N`` (one machine) or with ``--nnodes``/``--node_rank``
 and a rendezvous address (several), every process runs the same lowbit command. The
-process group starts on first use: gloo on CPU, NCCL when CUDA is there. Each training
+process group starts on first use, with gloo (lowbit fine-tunes on the CPU). Each training
 step splits its batch between the processes and DDP averages their gradients, so N
 processes take the same steps as one; decisions that depend on timing (auto's candidate
 search) are taken by process 0 and sent to the others, and only process 0 verifies and
@@ -24,11 +24,8 @@ def world() -> tuple[int, int]:
         return 0, 1
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        import torch
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+    if not dist.is_initialized():  # lowbit trains on the CPU: gloo (NCCL takes GPU tensors only)
+        dist.init_process_group(backend="gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
