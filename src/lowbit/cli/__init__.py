@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     previous = _on_sigterm()
     try:
-        return _run(args, debug)
+        try:
+            return _run(args, debug)
+        except KeyboardInterrupt:  # one that arrived while the first was being handled
+            return _interrupted()
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -45,6 +48,8 @@ def _on_sigterm() -> Any:
     """SIGTERM unwinds like Ctrl-C (temporary files are removed on the way out); the
     previous handler, or None where signals cannot be set (not the main thread)."""
     def interrupt(signum: int, frame: Any) -> None:
+        if _TERMINATED:  # already unwinding: one interruption is enough
+            return
         _TERMINATED.append(signum)
         raise KeyboardInterrupt
 
