@@ -57,7 +57,7 @@ from lowbit.fileio import (
     write_json_atomic,
 )
 from lowbit.model_io import external_data_files, resolve_model
-from lowbit.quant.plan import Treatment
+from lowbit.quant.plan import QuantizationPlan, Treatment
 from lowbit.report.build import build_report, weight_section
 from lowbit.report.stages import compare_stages, plot_stages
 from lowbit.report.verify import check_model
@@ -77,8 +77,10 @@ class CompressedModel:
 
     def __init__(self, model: onnx.ModelProto, report: dict[str, Any], *, fm: FloatModel,
                  original: FloatModel, lbz: bytes | None = None,
-                 inputs: tuple[Any, ...] = (), checkpoints: Checkpoints | None = None) -> None:
+                 inputs: tuple[Any, ...] = (), checkpoints: Checkpoints | None = None,
+                 planned: tuple[FloatModel, QuantizationPlan] | None = None) -> None:
         self.model = model
+        self.planned = planned  # (float model, plan) the output was written from, if quantized
         self._checkpoints = checkpoints
         self.report = report
         self.fm = fm
@@ -316,7 +318,8 @@ def run(model: Any, stages: Sequence[StageConfig], *, data: Any = None, eval_dat
                           seconds=ctx.seconds)
     return CompressedModel(output, report, fm=weights_fm, original=original, lbz=lbz,
                            inputs=(model, *external_data_files(model), data, eval_data, teacher),
-                           checkpoints=saved[0] if saved is not None else None)
+                           checkpoints=saved[0] if saved is not None else None,
+                           planned=(ctx.fm, ctx.plan) if ctx.plan is not None else None)
 
 
 def _input_names(fm: FloatModel) -> list[str]:
