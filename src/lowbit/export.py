@@ -46,9 +46,14 @@ def export_tflite(model: Any, output: str | os.PathLike[str], *, data: Any = Non
     t0 = time.perf_counter()
     fm, plan, name, compressed = _prepare(model, data, eval_data, mode, recipe, threads, batch,
                                           progress)
-    return _finish(fm, plan, name, compressed, out, data=data, eval_data=eval_data, mode=mode,
-                   io=io, batch=batch, threads=threads, budget_s=budget_s, progress=progress,
-                   t0=t0)
+    original = fm
+    if compressed is not None:  # verified against the model before the recipe
+        from lowbit.backends.onnx.load import load_model
+
+        original, _ = load_model(compressed.float_model)
+    return _finish(fm, plan, name, compressed, out, original=original, data=data,
+                   eval_data=eval_data, mode=mode, io=io, batch=batch, threads=threads,
+                   budget_s=budget_s, progress=progress, t0=t0)
 
 
 def _prepare(model: Any, data: Any, eval_data: Any, mode: str, recipe: Any, threads: int,
@@ -62,13 +67,18 @@ def _prepare(model: Any, data: Any, eval_data: Any, mode: str, recipe: Any, thre
         cm = compress(model, data, recipe=recipe, eval_data=eval_data, threads=threads,
                       batch=batch, progress=progress)
         if cm.planned is not None:
-            return cm.planned[0], cm.planned[1], cm.report.get("model", {}).get("name", "model"), cm
+            return cm.planned[0], cm.planned[1], _name(model), cm
         from lowbit.backends.onnx.load import load_model
 
         fm, _ = load_model(cm.model)
-        return fm, None, str(model), cm
+        return fm, None, _name(model), cm
     fm, name, _ = resolve_model(model, data if data is not None else eval_data)
     return fm, None, name, None
+
+
+def _name(model: Any) -> str:
+    return str(model) if isinstance(model, (str, os.PathLike)) else \
+        getattr(model, "name", None) or type(model).__name__
 
 
 def _datasets(fm: Any, data: Any, eval_data: Any) -> tuple[Any, Any]:
@@ -85,8 +95,8 @@ def _datasets(fm: Any, data: Any, eval_data: Any) -> tuple[Any, Any]:
     return work, held
 
 
-def _finish(fm: Any, plan: Any, name: str, compressed: Any, out: Path, *, data: Any,
-            eval_data: Any, mode: str, io: str, batch: int | None, threads: int,
+def _finish(fm: Any, plan: Any, name: str, compressed: Any, out: Path, *, original: Any,
+            data: Any, eval_data: Any, mode: str, io: str, batch: int | None, threads: int,
             budget_s: float, progress: Any, t0: float) -> dict[str, Any]:
     from lowbit.backends.onnx.session import input_specs_of_model
     from lowbit.backends.tflite import plan as tplan
@@ -133,7 +143,7 @@ def _finish(fm: Any, plan: Any, name: str, compressed: Any, out: Path, *, data: 
     if used is not None:
         section["decisions"] = used.decision_dicts()
     section["structure"] = read_structure(content, str(out))
-    verification = verify_tflite(fm, content, held, batch=batch, threads=threads,
+    verification = verify_tflite(original, content, held, batch=batch, threads=threads,
                                  onnx_int8=onnx_int8)
     write_bytes_atomic(out, content)
     report = {"tool": "lowbit export --to tflite", "model": {"name": name},

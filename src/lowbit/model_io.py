@@ -1,5 +1,7 @@
-"""Read any model lowbit accepts: an ONNX file, a ``.lbz`` file, an ``onnx.ModelProto``
-or a ``torch.nn.Module`` (exported with a sample of the data), normalised once."""
+"""Read any model lowbit accepts: an ONNX file, a ``.lbz`` file, an ``onnx.ModelProto``,
+a ``torch.nn.Module`` (exported with a sample of the data), a ``keras.Model``, a Keras
+file (``.keras``, ``.h5``) or a TensorFlow SavedModel folder (converted to ONNX by
+``backends.keras``), normalised once."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from lowbit.backends.keras import is_keras_model, is_keras_path
 from lowbit.backends.onnx.load import check_opset, load_model, normalise, read_model
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.errors import DataError, ModelLoadError, ValidationError
@@ -136,12 +139,24 @@ def resolve_model(model: Any, data: Any, *, fold_bn: bool = True
             proto = export_module(model, arr[:2])
         normalised, _ = load_model(proto, fold_bn=fold_bn)
         return normalised, type(model).__name__, len(proto.SerializeToString())
+    if is_keras_model(model):
+        from lowbit.backends.keras import keras_to_onnx
+
+        proto = keras_to_onnx(model, name=str(model.name))
+        normalised, _ = load_model(proto, fold_bn=fold_bn)
+        return normalised, str(model.name), len(proto.SerializeToString())
     if isinstance(model, onnx.ModelProto):
         normalised, name = load_model(model, fold_bn=fold_bn)
         return normalised, name, len(model.SerializeToString())
+    if is_keras_path(model):  # size: the converted float ONNX model's, what lowbit compares
+        from lowbit.backends.keras import load_keras
+
+        proto = load_keras(model)
+        size = len(proto.SerializeToString())
+        return normalise(proto, name=str(model), fold_bn=fold_bn), str(model), size
     if isinstance(model, (str, os.PathLike)):
         normalised = normalise(read_any(model), name=str(model), fold_bn=fold_bn)
         return normalised, str(model), Path(model).stat().st_size
     raise ValidationError(
-        f"model must be an ONNX file path, an onnx.ModelProto or a torch.nn.Module, "
-        f"not {type(model).__name__}")
+        f"model must be an ONNX file path, an onnx.ModelProto, a torch.nn.Module, a "
+        f"keras.Model or a Keras file / SavedModel folder, not {type(model).__name__}")

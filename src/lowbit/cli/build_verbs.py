@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lowbit.cli import compress_verb
+from lowbit.cli import compress_verb, export_verb
 from lowbit.cli.common import (
     app,
     check_output,
@@ -238,6 +238,7 @@ def cluster(
 
 
 app.command(name="compress")(compress_verb.compress)  # its own file; listed here, in order
+app.command(name="export")(export_verb.export)
 
 
 @app.command()

@@ -39,7 +39,8 @@ def _show_recipe(value: str | None) -> None:
 
 def compress(
     model: Path = typer.Argument(..., help="Float ONNX model (the teacher with --student)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .lbz (or .onnx)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .lbz (or .onnx, or .tflite: "
+                                "the recipe's result exported as by lowbit export)."),
     recipe: str | None = typer.Option(None, "--recipe", help="Built-in recipe name (see "
                                       "--list-recipes) or a YAML recipe file."),
     data: Path | None = typer.Option(None, "--data", help=".npz training/calibration data (x, y)."),
@@ -104,6 +105,14 @@ def compress(
         refuse_options({"--sparsity": sparsity, "--bits": bits, "--epochs": epochs, "--lr": lr},
                        "--recipe (the recipe sets its stages' options)")
         recipe_file = Path(recipe) if Path(recipe).is_file() else None
+    if output.suffix.lower() == ".tflite":  # a recipe's result written as TFLite
+        from lowbit.cli.export_verb import export
+
+        refuse_options({"--student": student, "--sparsity": sparsity, "--bits": bits,
+                        "--epochs": epochs, "--lr": lr}, "a .tflite output (use --recipe)")
+        export(model, "tflite", output, data, eval_data, "auto", "float", recipe, None, threads,
+               quiet, as_json)
+        return
     check_output(output, model, data, eval_data, student, recipe_file)
     checkpoints = output.with_name(output.name + ".checkpoints")
     show = not quiet and not as_json

@@ -15,7 +15,8 @@ from lowbit.cli.common import (
 
 @app.command()
 def bench(
-    models: list[Path] = typer.Argument(..., help="ONNX models; ratios are against the first."),
+    models: list[Path] = typer.Argument(..., help="ONNX, .lbz or .tflite models; ratios are "
+                                        "against the first."),
     data: Path | None = typer.Option(None, "--data", help=".npz inputs (with 'y' for accuracy)."),
     batch: int | None = typer.Option(None, help="Batch size; default the models' fixed "
                                      "batch, else 8."),
@@ -41,7 +42,7 @@ def bench(
 
 @app.command(name="eval")
 def evaluate(
-    model: Path = typer.Argument(..., help="ONNX model."),
+    model: Path = typer.Argument(..., help="ONNX, .lbz or .tflite model."),
     data: Path = typer.Option(..., "--data", help=".npz with 'x' and 'y'."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -65,7 +66,7 @@ def evaluate(
 
 @app.command()
 def inspect(
-    model: Path = typer.Argument(..., help="ONNX model."),
+    model: Path = typer.Argument(..., help="ONNX, .lbz or .tflite model."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Operators, parameters, dtypes, per-layer sizes; what is quantized and why not.

@@ -41,12 +41,11 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None,
         check_run_settings(batch=batch)
     sessions, datasets, timed, specs = [], [], [], []
     for path in paths:
-        proto = read_any(path)  # ONNX or .lbz; one clear error for a bad file
-        sess = make_session(proto, threads=threads, name=str(path))
-        specs.append(input_specs(sess))
-        ds: Dataset | None = (as_dataset(data, specs[-1], output=first_output_shape(sess))
+        sess, spec, shape, proto = open_model(path, threads)
+        specs.append(spec)
+        ds: Dataset | None = (as_dataset(data, specs[-1], output=shape)
                               if data is not None else None)
-        if ds is not None:
+        if ds is not None and proto is not None:
             check_token_ids(proto, ds)
         sessions.append(sess)
         datasets.append(ds)
@@ -72,6 +71,21 @@ def bench_models(paths: list[str | os.PathLike[str]], *, data: Any = None,
             "environment": {**cpu_info(), **versions()}}
 
 
+def open_model(model: str | os.PathLike[str] | onnx.ModelProto, threads: int
+               ) -> tuple[Any, list[InputSpec], Any, onnx.ModelProto | None]:
+    """(session, input specs, first output shape, ONNX proto or None) of an ONNX / .lbz
+    file or proto, or of a .tflite file (run in LiteRT)."""
+    from lowbit.backends.tflite.session import TfliteSession, is_tflite
+
+    if is_tflite(model):
+        sess = TfliteSession(model, threads=threads)
+        return sess, sess.get_inputs(), sess.output_shape(), None
+    proto = model if isinstance(model, onnx.ModelProto) else read_any(model)
+    label = "model" if isinstance(model, onnx.ModelProto) else str(model)
+    sess = make_session(proto, threads=threads, name=label)
+    return sess, input_specs(sess), first_output_shape(sess), proto
+
+
 def _one_batch(paths: list[str], specs: list[list[InputSpec]], timed: list[Dataset],
                batch: int | None) -> int:
     """The one batch every model is timed at: the batch a model or its data fixes
@@ -91,11 +105,10 @@ def evaluate_model(model: str | os.PathLike[str] | onnx.ModelProto, data: Any, *
                    threads: int = 1) -> dict[str, Any]:
     """Accuracy (with labels) and the outputs' shapes of one model on ``data``."""
     check_run_settings(threads=threads)
-    proto = model if isinstance(model, onnx.ModelProto) else read_any(model)
-    label = "model" if isinstance(model, onnx.ModelProto) else str(model)
-    session = make_session(proto, threads=threads, name=label)
-    dataset = as_dataset(data, input_specs(session), output=first_output_shape(session))
-    check_token_ids(proto, dataset)
+    session, specs, shape, proto = open_model(model, threads)
+    dataset = as_dataset(data, specs, output=shape)
+    if proto is not None:
+        check_token_ids(proto, dataset)
     outputs = run_batches(session, dataset)
     result: dict[str, Any] = {"samples": dataset.num_samples,
                               "output_shapes": [list(o.shape) for o in outputs]}

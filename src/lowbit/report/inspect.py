@@ -28,8 +28,14 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def inspect_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from lowbit.backends.tflite.session import is_tflite
     from lowbit.model_io import decode_lbz, is_lbz, read_any
 
+    if is_tflite(path):
+        from lowbit.backends.tflite.inspect import read_structure
+
+        return {"model": str(path), "format": "tflite",
+                **read_structure(Path(path).read_bytes(), str(path))}
     if not is_lbz(path):
         model = read_any(path)
         return inspect_proto(model, name=str(path), size=Path(path).stat().st_size)

@@ -121,6 +121,8 @@ def render_bench(result: dict[str, Any], console: Console) -> None:
 
 
 def render_inspect(info: dict[str, Any], console: Console) -> None:
+    if info.get("format") == "tflite":
+        return render_tflite(info, console)
     console.print(f"[bold]{info['model']}[/bold]: {fmt_bytes(info['size_bytes'])} on disk, "
                   f"{info['parameters']:,} parameters, opsets {info['opsets']}")
     console.print(f"inputs: {info['inputs']}")
@@ -155,3 +157,16 @@ def render_lbz(lbz: dict[str, Any], console: Console) -> None:
     console.print(table)
     parts = ", ".join(f"{k} {v:,} B" for k, v in lbz["parts"].items())
     console.print(f"file breakdown: {parts}")
+
+
+def render_tflite(info: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]{info['model']}[/bold]: TFLite, {fmt_bytes(info['size_bytes'])} on disk; "
+                  f"constants by type: {info['constant_bytes']}")
+    console.print(f"inputs: {info['inputs']}")
+    console.print(f"outputs: {info['outputs']}")
+    table = Table(title="operators")
+    for col in ("#", "op", "runs as", "weights"):
+        table.add_column(col)
+    for k, op in enumerate(info["operators"]):
+        table.add_row(str(k), op["op"], op["execution"], ",".join(op["weights"]))
+    console.print(table)

@@ -76,7 +76,11 @@ def choose_tflite(fm: FloatModel, plan: QuantizationPlan, selection: Dataset, *,
 
     flt = make("float", None)
     reference = run_batches(flt.session, selection)
-    pool = [flt, make("int8", plan), make("dynamic range", as_hybrid(plan))]
+    static = all(d.treatment is not Treatment.DYNAMIC for d in plan.decisions)
+    pool = [flt, make("int8" if static else "the plan as trained", plan)]
+    hybrid = as_hybrid(plan)
+    if [d.label for d in hybrid.decisions] != [d.label for d in plan.decisions]:
+        pool.append(make("dynamic range", hybrid))
     for c in pool[1:]:
         c.sqnr_db = _quality(c.session, selection, reference)
     layers = [n.name for n in plan.nodes_with(Treatment.STATIC) if n.weight is not None]

@@ -52,11 +52,16 @@ class TfliteSession:
         for d in self._ins:
             sig = d.get("shape_signature", d["shape"])
             shape = tuple(None if int(s) < 0 else int(s) for s in sig)
-            out.append(InputSpec(d["name"], np.dtype(d["dtype"]), shape))
+            dtype = np.dtype(np.float32) if d["dtype"] == np.int8 else np.dtype(d["dtype"])
+            out.append(InputSpec(d["name"], dtype, shape))  # (INT8 inputs take float data)
         return out
 
     def output_names(self) -> list[str]:
         return [d["name"] for d in self._outs]
+
+    def output_shape(self) -> tuple[int | None, ...]:
+        d = self._outs[0]
+        return tuple(None if int(s) < 0 else int(s) for s in d.get("shape_signature", d["shape"]))
 
     def run(self, _names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         resized = False
@@ -69,15 +74,23 @@ class TfliteSession:
         if resized:
             self._it.allocate_tensors()
         for d in self._ins:
-            arr = np.asarray(feeds[d["name"]])
-            self._it.set_tensor(d["index"], arr.astype(d["dtype"], copy=False))
+            self._it.set_tensor(d["index"], _to_input(np.asarray(feeds[d["name"]]), d))
         self._it.invoke()
-        return [self._it.get_tensor(d["index"]).copy() for d in self._outs]
+        return [_from_output(self._it.get_tensor(d["index"]), d) for d in self._outs]
 
-    def quantization(self) -> dict[str, tuple[float, int] | None]:
-        """(scale, zero point) of every INT8 graph input/output, None for float ones."""
-        out: dict[str, tuple[float, int] | None] = {}
-        for d in list(self._ins) + list(self._outs):
-            s, z = d.get("quantization", (0.0, 0))
-            out[d["name"]] = (float(s), int(z)) if s else None
-        return out
+
+def _to_input(arr: np.ndarray, d: dict[str, Any]) -> np.ndarray:
+    """Float data for an INT8 input is quantized with the input's own parameters."""
+    dtype = np.dtype(d["dtype"])
+    scale, zp = d.get("quantization", (0.0, 0))
+    if dtype == np.int8 and arr.dtype.kind == "f" and scale:
+        return np.clip(np.round(arr / scale) + zp, -128, 127).astype(np.int8)
+    return arr.astype(dtype, copy=False)
+
+
+def _from_output(arr: np.ndarray, d: dict[str, Any]) -> np.ndarray:
+    """An INT8 output is returned as the float values it stands for."""
+    scale, zp = d.get("quantization", (0.0, 0))
+    if arr.dtype == np.int8 and scale:
+        return (arr.astype(np.float32) - zp) * np.float32(scale)
+    return arr.copy()
