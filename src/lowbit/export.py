@@ -143,6 +143,11 @@ def _finish(fm: Any, plan: Any, name: str, compressed: Any, out: Path, *, origin
     if used is not None:
         section["decisions"] = used.decision_dicts()
     section["structure"] = read_structure(content, str(out))
+    floats = [o["name"] for o in section["structure"]["inputs"] + section["structure"]["outputs"]
+              if o["type"] != "int8"]
+    if io == "int8" and floats:
+        section["io_note"] = (f"{', '.join(floats)} stay float: the plan has no INT8 scale for "
+                              "them (a float op such as Softmax computes them, or reads them)")
     verification = verify_tflite(original, content, held, batch=batch, threads=threads,
                                  onnx_int8=onnx_int8)
     write_bytes_atomic(out, content)

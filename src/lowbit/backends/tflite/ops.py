@@ -133,13 +133,13 @@ def _weighted(w: Writer, node: onnx.NodeProto, name: str, treatment: Treatment, 
             values = plan.values_of(wname, fm.constant)
             wt = w.quantized_weight(wname, params, values, layout, axis, (wname, "static"))
             scales = np.asarray(w.b.tensors[wt].quantization.scale, np.float64)
-            bias = -1
-            if bname is not None:
-                bias_values = np.asarray(plan.values_of(bname, fm.constant), np.float64)
-                grid = np.float64(in_q.scale[0]) * scales
-                if grid.size == 1 and bias_values.size > 1:
-                    grid = np.repeat(grid, bias_values.size)
-                bias = w.int32_bias(bname, bias_values.reshape(-1), grid)
+            channels = w.b.shape_of(wt)[axis]
+            bias_values = np.zeros(channels) if bname is None else \
+                np.asarray(plan.values_of(bname, fm.constant), np.float64).reshape(-1)
+            grid = np.float64(in_q.scale[0]) * scales
+            if grid.size == 1 and channels > 1:
+                grid = np.repeat(grid, channels)
+            bias = w.int32_bias(bname or f"{name}/bias", bias_values, grid)
             xin = prepare(x, in_q, "int8")
             w.t.perm[out] = out_perm
             y = w.t.new(out, "int8", out_q)
@@ -148,10 +148,6 @@ def _weighted(w: Writer, node: onnx.NodeProto, name: str, treatment: Treatment, 
             w.t.set_int8(out, y, out_q, out_perm)
             return
     act, out = w.activation_after(node, name)
-    bias = -1
-    if bname is not None:
-        bias = w.float_weight(bname, np.asarray(fm.constant(bname), np.float32).reshape(-1),
-                              bname)
     if treatment in (Treatment.DYNAMIC, Treatment.WEIGHT_ONLY) and params is not None:
         values = plan.values_of(wname, fm.constant)
         wt = w.quantized_weight(wname, params, values, layout, axis, (wname, "hybrid"))
@@ -160,6 +156,10 @@ def _weighted(w: Writer, node: onnx.NodeProto, name: str, treatment: Treatment, 
     else:
         weight = np.asarray(fm.constant(wname), np.float32)
         wt = w.float_weight(wname, layout(weight), (wname, "float"))
+    channels = w.b.shape_of(wt)[axis]
+    bias_values = np.zeros(channels, np.float32) if bname is None else \
+        np.asarray(fm.constant(bname), np.float32).reshape(-1)
+    bias = w.float_weight(bname or f"{name}/bias", bias_values, bname or f"{name}/bias")
     xin = prepare(x, None, "float32")
     w.t.perm[out] = out_perm
     y = w.t.new(out, "float32")

@@ -192,9 +192,36 @@ def pad(w: Any, node: onnx.NodeProto, name: str) -> None:
     w.b.op("PAD", [xin, w.b.constant(f"{name}/pads", amounts)], [y])
 
 
+REDUCE = {"ReduceMean": "MEAN", "ReduceMax": "REDUCE_MAX", "ReduceSum": "SUM"}
+
+
+def reduce(w: Any, node: onnx.NodeProto, name: str) -> None:
+    """ReduceMean/Max/Sum over constant axes, on the stored layout (axes renumbered)."""
+    x, out = node.input[0], node.output[0]
+    rank = len(w.t.shapes[x])
+    axes = attr(node, "axes", None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = w.constant(node.input[1])
+    if axes is None:
+        axes = list(range(rank))
+    axes = sorted(int(a) % rank for a in np.asarray(axes).reshape(-1))
+    keep = bool(attr(node, "keepdims", 1))
+    perm = w.t.layout(x)
+    physical = sorted(perm.index(a) for a in axes)
+    if keep:
+        out_perm = perm
+    else:
+        left = [perm[j] for j in range(rank) if j not in physical]
+        out_perm = tuple(a - sum(1 for r in axes if r < a) for a in left)
+    xin = w.t.float_of(x)
+    y = _float_out(w, out, out_perm)
+    w.b.op(REDUCE[node.op_type], [xin, w.b.constant(f"{name}/axes", np.asarray(
+        physical, np.int32))], [y], *w.b.options("ReducerOptions", keepDims=keep))
+
+
 SHAPE_EMITTERS: dict[str, Callable[[Any, onnx.NodeProto, str], None]] = {
     "Identity": identity_op, "Dropout": identity_op, "Transpose": transpose,
     "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape,
     "Clip": clip, "LeakyRelu": leaky_relu, "Concat": concat, "Softmax": softmax, "Pad": pad,
-    **{k: unary for k in UNARY}, **{k: binary for k in BINARY},
+    **{k: unary for k in UNARY}, **{k: binary for k in BINARY}, **{k: reduce for k in REDUCE},
 }

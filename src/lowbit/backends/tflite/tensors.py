@@ -61,15 +61,18 @@ class TensorTable:
     def layout(self, name: str) -> tuple[int, ...]:
         return self.perm.get(name, identity(len(self.shapes[name])))
 
-    def new(self, name: str, dtype: str, quant: Quant | None = None) -> int:
-        """A fresh activation tensor for ONNX tensor ``name`` (its physical shape)."""
+    def new(self, name: str, dtype: str, quant: Quant | None = None, *,
+            label: str | None = None) -> int:
+        """A fresh activation tensor for ONNX tensor ``name`` (its physical shape), named
+        ``label`` (default: ``name``, with the type appended unless float)."""
         shape = self.physical_shape(name)
         sig = None
         if name in self.dynamic_batch:
             batch_axis = self.layout(name).index(0)
             sig = tuple(-1 if i == batch_axis else d for i, d in enumerate(shape))
-        return self.b.tensor(name if dtype == "float32" else f"{name}/{dtype}", shape, dtype,
-                             quant=quant, signature=sig)
+        if label is None:
+            label = name if dtype == "float32" else f"{name}/{dtype}"
+        return self.b.tensor(label, shape, dtype, quant=quant, signature=sig)
 
     # ------------------------------------------------------------------ versions
     def set_float(self, name: str, index: int, perm: tuple[int, ...] | None = None) -> None:

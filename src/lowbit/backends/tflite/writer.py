@@ -78,7 +78,7 @@ class Writer:
             params = plan.tensors.get(vi.name) if vi.name in plan.activations else None
             if io == "int8" and params is not None:
                 q = int8_quant(params)
-                idx = self.t.new(vi.name, "int8", q)
+                idx = self.t.new(vi.name, "int8", q, label=vi.name)
                 self.t.set_int8(vi.name, idx, q)
             else:
                 idx = self.t.new(vi.name, "float32")
@@ -176,6 +176,9 @@ class Writer:
             q = self.t.int8.get(name)
             if self.io == "int8" and q is not None:
                 idx = self.t.to_layout(name, want, "int8", q[1])
+                if name not in self.b.names:  # the graph's output keeps its ONNX name
+                    self.b.tensors[idx].name = name
+                    self.b.names.add(name)
             else:
                 idx = self.t.to_layout(name, want)
             outs.append((name, idx))
