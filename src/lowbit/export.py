@@ -19,6 +19,9 @@ from lowbit.errors import ValidationError
 
 MODES = ("auto", "int8", "dynamic", "int4", "float16", "float")
 NEEDS_DATA = ("auto", "int8")
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits",
+                 "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+                 "GatherBlockQuantized")
 
 
 def export_tflite(model: Any, output: str | os.PathLike[str], *, data: Any = None,
@@ -44,36 +47,45 @@ def export_tflite(model: Any, output: str | os.PathLike[str], *, data: Any = Non
                             suffixes=(".tflite",))
     litert("interpreter")  # the extra is there, before any work
     t0 = time.perf_counter()
-    fm, plan, name, compressed = _prepare(model, data, eval_data, mode, recipe, threads, batch,
-                                          progress)
-    original = fm
-    if compressed is not None:  # verified against the model before the recipe
-        from lowbit.backends.onnx.load import load_model
-
-        original, _ = load_model(compressed.float_model)
-    return _finish(fm, plan, name, compressed, out, original=original, data=data,
-                   eval_data=eval_data, mode=mode, io=io, batch=batch, threads=threads,
-                   budget_s=budget_s, progress=progress, t0=t0)
-
-
-def _prepare(model: Any, data: Any, eval_data: Any, mode: str, recipe: Any, threads: int,
-             batch: int | None, progress: Any) -> tuple[Any, Any, str, Any]:
-    """(float model, INT8 plan or None, display name, the recipe's CompressedModel)."""
-    from lowbit.model_io import resolve_model
-
+    compressed = None
     if recipe is not None:
         from lowbit.api import compress
 
-        cm = compress(model, data, recipe=recipe, eval_data=eval_data, threads=threads,
-                      batch=batch, progress=progress)
-        if cm.planned is not None:
-            return cm.planned[0], cm.planned[1], _name(model), cm
-        from lowbit.backends.onnx.load import load_model
+        compressed = compress(model, data, recipe=recipe, eval_data=eval_data, threads=threads,
+                              batch=batch, progress=progress)
+    return write_tflite_file(model, out, compressed=compressed, data=data, eval_data=eval_data,
+                             mode=mode, io=io, batch=batch, threads=threads, budget_s=budget_s,
+                             progress=progress, t0=t0)
 
-        fm, _ = load_model(cm.model)
-        return fm, None, _name(model), cm
-    fm, name, _ = resolve_model(model, data if data is not None else eval_data)
-    return fm, None, name, None
+
+def write_tflite_file(model: Any, out: Path, *, compressed: Any = None, data: Any = None,
+                      eval_data: Any = None, mode: str = "auto", io: str = "float",
+                      batch: int | None = None, threads: int = 1, budget_s: float = 20.0,
+                      progress: Any = None, t0: float | None = None) -> dict[str, Any]:
+    """``model`` (or ``compressed``, a run's result over it) written to ``out`` as TFLite,
+    verified against the float ``model``; options already checked by the caller."""
+    from lowbit.backends.onnx.load import load_model
+    from lowbit.model_io import resolve_model
+
+    t0 = time.perf_counter() if t0 is None else t0
+    if compressed is None:
+        fm, name, _ = resolve_model(model, data if data is not None else eval_data)
+        plan, original = None, fm
+        quantized = sorted({n.op_type for n in fm.proto.graph.node if n.op_type in QUANTIZED_OPS})
+        if quantized:
+            raise ValidationError(
+                f"{name}: already quantized ({', '.join(quantized)}); export the float model: "
+                "lowbit makes the TFLite file's plan from it (with --recipe for QAT and more)")
+    else:  # verified against the model before the recipe
+        original, _ = load_model(compressed.float_model)
+        name = _name(model)
+        if compressed.planned is not None:
+            fm, plan = compressed.planned
+        else:
+            fm, plan = load_model(compressed.model)[0], None
+    return _finish(fm, plan, name, compressed, out, original=original, data=data,
+                   eval_data=eval_data, mode=mode, io=io, batch=batch, threads=threads,
+                   budget_s=budget_s, progress=progress, t0=t0)
 
 
 def _name(model: Any) -> str:
