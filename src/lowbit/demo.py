@@ -51,14 +51,7 @@ def run_demo(
 
     check_run_settings(epochs=epochs, threads=threads, batch=batch, seed=seed)
     chain = load_recipe(recipe)
-    out = Path(out_dir)
-    if not str(out_dir) or (out.exists() and not out.is_dir()):
-        raise ValidationError(f"option --output: '{out}' exists and is not a folder")
-    try:  # every option is checked before the training starts
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValidationError(f"option --output: cannot create folder {out}: {exc.strerror}") from None
-    check_folder_writable(out, "--output")
+    out = _output_folder(out_dir)
     t0 = time.perf_counter()
     previous_threads = torch.get_num_threads()
     try:
@@ -95,6 +88,81 @@ def run_demo(
 
     if plot_stages(report.get("stages_compared", []), out / "report.png"):
         report["demo"]["plot"] = str(out / "report.png")
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _output_folder(out_dir: str | Path) -> Path:
+    """The output folder, created; every option is checked before the training starts."""
+    out = Path(out_dir)
+    if not str(out_dir) or (out.exists() and not out.is_dir()):
+        raise ValidationError(f"option --output: '{out}' exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValidationError(f"option --output: cannot create folder {out}: {exc.strerror}") from None
+    check_folder_writable(out, "--output")
+    return out
+
+
+def run_keras_demo(
+    out_dir: str | Path,
+    *,
+    epochs: int = 6,
+    seed: int = 0,
+    threads: int = 1,
+    batch: int = 64,
+    recipe: str = RECIPE,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The TFLite tutorial's workflow: the same CNN built and trained in Keras (channels
+    last), compressed by the same recipe, written as TFLite and verified in LiteRT."""
+    from lowbit.backends.keras.env import import_keras
+    from lowbit.backends.keras.models import train_keras, tutorial_cnn
+    from lowbit.backends.tflite import litert
+    from lowbit.config.recipe import load_recipe
+    from lowbit.data import digits_resized
+    from lowbit.export import write_tflite_file
+    from lowbit.pipeline import run
+
+    check_run_settings(epochs=epochs, threads=threads, batch=batch, seed=seed)
+    chain = load_recipe(recipe)
+    keras = import_keras("the Keras demo")
+    litert("interpreter")
+    out = _output_folder(out_dir)
+    t0 = time.perf_counter()
+    x_tr, y_tr, x_te, y_te = digits_resized(SIDE, seed)
+    x_tr, x_te = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x_tr, x_te))
+    keras.utils.set_random_seed(seed)
+    model = tutorial_cnn(SIDE)
+    losses = train_keras(model, x_tr, y_tr, epochs=epochs, seed=seed, lr=3e-3)
+    if on_epoch is not None:
+        on_epoch(epochs, epochs, losses[-1])
+    keras_acc = float(np.mean(np.argmax(model.predict(x_te, verbose=0), axis=1) == y_te))
+    t_train = time.perf_counter() - t0
+    keras_path = out / "digits_cnn.keras"
+    partial = out / ".digits_cnn.partial.keras"
+    model.save(partial)
+    partial.replace(keras_path)
+    result = run(model, list(chain.stages), data=(x_tr, y_tr), eval_data=(x_te, y_te),
+                 threads=threads, batch=batch, progress=progress, distill=chain.distill,
+                 tool="lowbit demo --framework keras")
+    tflite = write_tflite_file(model, out / "digits_cnn.edge.tflite", compressed=result,
+                               data=(x_tr, y_tr), eval_data=(x_te, y_te), batch=batch,
+                               threads=threads, progress=progress)
+    report = result.report
+    report["tflite"] = tflite
+    report["recipe"] = {"name": chain.name, "description": chain.description, **chain.to_dict()}
+    report["demo"] = {
+        "framework": "keras",
+        "dataset": f"scikit-learn digits resized to {SIDE}x{SIDE} (channels last), seed {seed}: "
+                   f"{len(x_tr)} train / {len(x_te)} test",
+        "model": "keras.Sequential: Conv2D(32, 3, relu) -> MaxPooling2D(2) -> Flatten -> "
+                 "Dense(10)", "epochs": epochs, "keras_test_accuracy": round(keras_acc, 6),
+        "train_seconds": round(t_train, 3), "targets": demo_targets(report),
+    }
+    report["seconds"]["demo_total"] = round(time.perf_counter() - t0, 3)
     write_json_atomic(out / "report.json", report)
     return report
 

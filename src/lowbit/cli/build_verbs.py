@@ -28,22 +28,30 @@ def demo(
     threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for timing."),
     quiet: bool = typer.Option(False, "--quiet", help="No table or progress."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    framework: str = typer.Option("torch", "--framework", help="torch (ONNX out) | keras "
+                                  "(the TFLite tutorial: Keras in, .tflite out; lowbit[tf])."),
 ) -> None:
     """Train the tutorial CNN on the bundled digits (28x28), compress it with the edge
     recipe (channels, pruning, weight sharing, INT8 QAT, distillation), verify and compare
     every stage.
 
     Example: lowbit demo -o lowbit-demo
+    Example: lowbit demo --framework keras -o lowbit-keras-demo
     """
-    from lowbit.demo import run_demo
+    from lowbit.demo import run_demo, run_keras_demo
+    from lowbit.errors import ValidationError
+
+    if framework not in ("torch", "keras"):
+        raise ValidationError(f"option --framework: expected torch or keras, got {framework!r}")
+    runner = run_keras_demo if framework == "keras" else run_demo
 
     show = not quiet and not as_json
     with progress_bar(show) as update:
         def on_epoch(done: int, total: int, loss: float) -> None:
             if update is not None:
                 update(f"training the float CNN (loss {loss:.3f})", done, total)
-        report = run_demo(output, epochs=epochs, seed=seed, threads=threads, batch=batch,
-                          on_epoch=on_epoch, progress=update)
+        report = runner(output, epochs=epochs, seed=seed, threads=threads, batch=batch,
+                        on_epoch=on_epoch, progress=update)
     if show:
         from lowbit.report.table import render_report
 
@@ -59,9 +67,13 @@ def demo(
                 f".lbz {m['lbz_ratio']}x smaller (>= 20x: {'met' if met['lbz_ratio'] else 'MISSED'}), "
                 f"accuracy -{m['accuracy_drop_points']} points (<= 0.5: "
                 f"{'met' if met['accuracy_drop_points'] else 'MISSED'})")
-        out_console.print(f"wrote {output}/digits_cnn.float.onnx, {output}/digits_cnn.edge.onnx, "
-                          f"{output}/digits_cnn.edge.lbz, {output}/report.json in "
-                          f"{report['seconds']['demo_total']:.1f} s")
+        if framework == "keras":
+            export_verb.render_export(report["tflite"])
+            files = ["digits_cnn.keras", "digits_cnn.edge.tflite"]
+        else:
+            files = ["digits_cnn.float.onnx", "digits_cnn.edge.onnx", "digits_cnn.edge.lbz"]
+        out_console.print(f"wrote {', '.join(f'{output}/{f}' for f in files)}, {output}/"
+                          f"report.json in {report['seconds']['demo_total']:.1f} s")
     emit(report, as_json)
 
 

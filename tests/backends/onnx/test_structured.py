@@ -358,3 +358,24 @@ def test_conv_channels_are_kept_in_multiples_of_the_fast_block():
     assert kept_channels(12, 0.5, 1, 8) == 6  # not a multiple of two blocks: exact ratio
     assert kept_channels(32, 0.6, 1, 1) == 13
     assert kept_channels(32, 0.0, 1, 8) == 32
+
+
+def test_channels_last_flatten_is_pruned_exactly():
+    """A Keras-style graph: NHWC input, Transpose to NCHW, Conv, Relu, MaxPool, Transpose
+    back to NHWC, Flatten, Gemm: each channel owns every C-th Gemm input feature."""
+    conv, inits = _conv("c1", "t", "c", _rand(6, 2, 3, 3), _rand(6))
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]), conv,
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Transpose", ["p"], ["nhwc"], perm=[0, 2, 3, 1]),
+             helper.make_node("Flatten", ["nhwc"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "g.w", "g.b"], ["y"], transB=1)]
+    inits += [_init("g.w", _rand(5, 3 * 3 * 6)), _init("g.b", _rand(5))]
+    fm = _fm(_model(nodes, inits, ["N", 8, 8, 2], ["N", 5]))
+    plan = ChannelPlan(keep={"c1": np.asarray([0, 2, 5])}, skipped={})
+    pruned = apply_channel_pruning(fm, plan)
+    _check(pruned)
+    assert _weight(pruned, "g.w").shape == (5, 3 * 3 * 3)
+    masked = _masked(fm, plan, {"c1": [("c1.w", 0), ("c1.b", 0)]})
+    x = _rand(4, 8, 8, 2)
+    np.testing.assert_allclose(_run(pruned, x)[0], _run(masked, x)[0], rtol=1e-5, atol=1e-5)

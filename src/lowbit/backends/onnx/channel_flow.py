@@ -26,11 +26,14 @@ PRODUCERS = {"Conv", "Gemm", "MatMul"}
 @dataclass(frozen=True)
 class _Flow:
     """Where the pruned channels live in a tensor: ``axis`` (-1: last, rank unknown),
-    ``rank`` if known, and ``block`` features per channel (H*W after Flatten)."""
+    ``rank`` if known, and after a Flatten, ``block`` consecutive features per channel
+    (H*W from NCHW) repeated ``repeat`` times (H*W from NHWC: channel c owns features
+    c, C + c, 2C + c, ...)."""
 
     axis: int
     rank: int | None
     block: int = 1
+    repeat: int = 1
 
     def on_axis_one(self) -> bool:
         return self.axis == 1 or (self.rank is not None and self.axis % self.rank == 1)
@@ -47,7 +50,7 @@ class Prunable:
     channels: int
     weight: str
     weight_axis: int  # the producer weight's output-channel axis
-    slices: list[tuple[str, int, int]]  # (initializer, axis, block) sliced along the channels
+    slices: list[tuple[str, int, int, int]]  # (initializer, axis, block, repeat) sliced
     next_bn: onnx.NodeProto | None  # a BatchNormalization directly after the producer
 
 
@@ -110,7 +113,7 @@ class ChannelAnalyser:
                           "its groups would need pruning alike; refused")
         w = self.constant(item.weight)  # slicing also needs it unshared and not an input
         channels = int(w.shape[item.out_axis])
-        slices = [(item.weight, item.out_axis, 1)]
+        slices = [(item.weight, item.out_axis, 1, 1)]
         if node.op_type == "MatMul":  # (K, N): channels are columns, on the output's last axis
             shape = self.index.shape(node.output[0])
             flow = _Flow(axis=-1 if shape is None else len(shape) - 1,
@@ -120,7 +123,7 @@ class ChannelAnalyser:
         if item.bias is not None:
             c = self.constant(item.bias)
             if c.ndim >= 1 and c.shape[-1] == channels:
-                slices.append((item.bias, c.ndim - 1, 1))
+                slices.append((item.bias, c.ndim - 1, 1, 1))
             elif c.size != 1 and not (c.ndim >= 1 and c.shape[-1] == 1):
                 raise Refused(f"{node.op_type} bias shape {list(c.shape)} does not broadcast "
                               "per channel")
@@ -130,9 +133,10 @@ class ChannelAnalyser:
         slices += self._trace(node.output[0], flow, channels)
         return Prunable(node, channels, item.weight, item.out_axis, slices, next_bn)
 
-    def _trace(self, start: str, start_flow: _Flow, channels: int) -> list[tuple[str, int, int]]:
+    def _trace(self, start: str, start_flow: _Flow, channels: int
+               ) -> list[tuple[str, int, int, int]]:
         """Follow the channels from ``start`` to the consumers; every slice it implies."""
-        slices: list[tuple[str, int, int]] = []
+        slices: list[tuple[str, int, int, int]] = []
         pending = [(start, start_flow)]
         while pending:
             tensor, flow = pending.pop()
@@ -146,11 +150,11 @@ class ChannelAnalyser:
         return slices
 
     def _step(self, node: onnx.NodeProto, tensor: str, flow: _Flow, channels: int,
-              slices: list[tuple[str, int, int]]) -> list[tuple[str, _Flow]]:
+              slices: list[tuple[str, int, int, int]]) -> list[tuple[str, _Flow]]:
         """One consumer of the channel-carrying ``tensor``: the tensors it passes the
         channels on to (empty at a consumer that absorbs them), or refuse."""
         op, label = node.op_type, node_label(node)
-        width = channels * flow.block
+        width = channels * flow.block * flow.repeat
         if op in _ELEMENTWISE:
             if node.input[0] != tensor or tensor in node.input[1:]:
                 raise Refused(f"output is a parameter of {label}; refused")
@@ -166,7 +170,7 @@ class ChannelAnalyser:
             for name in node.input[1:5]:
                 if self.constant(name).shape != (width,):
                     raise Refused(f"{label} parameter '{name}' does not have {width} entries")
-                slices.append((name, 0, flow.block))
+                slices.append((name, 0, flow.block, flow.repeat))
             return [(node.output[0], flow)]
         if op in _POOLS:
             if not flow.on_axis_one() or flow.block != 1:
@@ -178,6 +182,10 @@ class ChannelAnalyser:
             return [(node.output[0], self._binary(node, tensor, flow, width, slices))]
         if op == "Flatten":
             return [(node.output[0], self._flatten(node, flow))]
+        if op == "Transpose" and flow.rank is not None and flow.block == flow.repeat == 1:
+            perm = list(attr(node, "perm", list(reversed(range(flow.rank)))))
+            return [(node.output[0], _Flow(axis=perm.index(flow.axis % flow.rank),
+                                           rank=flow.rank))]
         if op == "Conv":
             if node.input[0] != tensor or tensor in node.input[1:]:
                 raise Refused(f"output is a parameter of {label}; refused")
@@ -215,17 +223,17 @@ class ChannelAnalyser:
         raise Refused(f"output feeds {label}: {why}; refused")
 
     def _consumer_weight(self, node: onnx.NodeProto, name: str, axis: int, width: int,
-                         flow: _Flow, slices: list[tuple[str, int, int]]) -> None:
+                         flow: _Flow, slices: list[tuple[str, int, int, int]]) -> None:
         w = self.constant(name)
         if w.ndim != 2 and node.op_type != "Conv":
             raise Refused(f"{node_label(node)} weight has rank {w.ndim}, expected 2; refused")
         if w.shape[axis] != width:
             raise Refused(f"{node_label(node)} weight axis {axis} has {w.shape[axis]} entries, "
                            f"expected {width}; refused")
-        slices.append((name, axis, flow.block))
+        slices.append((name, axis, flow.block, flow.repeat))
 
     def _binary(self, node: onnx.NodeProto, tensor: str, flow: _Flow, width: int,
-                slices: list[tuple[str, int, int]]) -> _Flow:
+                slices: list[tuple[str, int, int, int]]) -> _Flow:
         """Add/Sub/Mul/Div with a constant operand is a per-channel bias/scale; with two
         computed operands it joins branches (a residual) and is refused."""
         other = [x for x in node.input if x != tensor]
@@ -243,7 +251,7 @@ class ChannelAnalyser:
         else:
             at = flow.axis % flow.rank - (flow.rank - const.ndim)
         if at >= 0 and const.shape[at] == width:
-            slices.append((other[0], at, flow.block))
+            slices.append((other[0], at, flow.block, flow.repeat))
         elif at >= 0 and const.shape[at] != 1:
             raise Refused(f"output feeds {node_label(node)} whose constant has shape "
                            f"{list(const.shape)}, not per channel; refused")
@@ -255,11 +263,12 @@ class ChannelAnalyser:
             raise Refused(f"output feeds {node_label(node)} and its input shape is unknown "
                            "(shape inference could not tell H*W); refused")
         axis = attr(node, "axis", 1) % max(len(shape), 1)
-        if axis != 1 or not flow.on_axis_one():
+        at = flow.axis % len(shape) if flow.rank is not None else -1
+        if axis != 1 or at < 1 or flow.block != 1 or flow.repeat != 1:
             raise Refused(f"output feeds {node_label(node)} whose axis does not start at the "
                            "channels; refused")
-        rest = shape[2:]
-        if not all(isinstance(d, int) for d in rest):
+        inner, outer = shape[at + 1:], shape[1:at]
+        if not all(isinstance(d, int) for d in (*inner, *outer)):
             raise Refused(f"output feeds {node_label(node)} and H*W is not known "
                            f"(input shape {shape}); refused")
-        return _Flow(axis=1, rank=2, block=flow.block * math.prod(rest))
+        return _Flow(axis=1, rank=2, block=math.prod(inner), repeat=math.prod(outer))

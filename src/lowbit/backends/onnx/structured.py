@@ -149,11 +149,13 @@ def plan_channel_pruning(fm: FloatModel, *, ratio: float, importance: str = "l1"
 # ---------------------------------------------------------------- apply
 
 
-def _expand(kept: np.ndarray, block: int) -> np.ndarray:
-    """Feature indices of the kept channels when each channel owns ``block`` features."""
-    if block == 1:
+def _expand(kept: np.ndarray, block: int, repeat: int, channels: int) -> np.ndarray:
+    """Feature indices of the kept channels when each channel owns ``block`` consecutive
+    features, in each of ``repeat`` groups of ``channels * block`` (``channel_flow._Flow``)."""
+    if block == 1 and repeat == 1:
         return kept
-    return (kept[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+    one = (kept[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+    return (np.arange(repeat)[:, None] * (channels * block) + one[None, :]).reshape(-1)
 
 
 def apply_channel_pruning(fm: FloatModel, plan: ChannelPlan) -> FloatModel:
@@ -176,8 +178,8 @@ def apply_channel_pruning(fm: FloatModel, plan: ChannelPlan) -> FloatModel:
                                   f"non-empty indices below {item.channels}")
         if kept.size == item.channels:
             continue
-        for name, axis, block in item.slices:
-            cuts.setdefault(name, []).append((axis, _expand(kept, block)))
+        for name, axis, block, repeat in item.slices:
+            cuts.setdefault(name, []).append((axis, _expand(kept, block, repeat, item.channels)))
 
     proto = onnx.ModelProto()
     proto.CopyFrom(fm.proto)
