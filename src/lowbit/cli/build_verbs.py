@@ -60,12 +60,14 @@ def demo(
         targets = report["demo"].get("targets", {})
         if targets:
             m, met = targets["measured"], targets["met"]
+            drop = m["accuracy_drop_points"]
+            change = "n/a" if drop is None else f"{-drop:+.2f}"
             out_console.print(
                 "targets (final vs float): "
                 f"speed {m['speedup']}x (>= 2x: {'met' if met['speedup'] else 'MISSED'}), "
                 f"ONNX {m['onnx_ratio']}x smaller (>= 4x: {'met' if met['onnx_ratio'] else 'MISSED'}), "
                 f".lbz {m['lbz_ratio']}x smaller (>= 20x: {'met' if met['lbz_ratio'] else 'MISSED'}), "
-                f"accuracy -{m['accuracy_drop_points']} points (<= 0.5: "
+                f"accuracy {change} points (drop <= 0.5: "
                 f"{'met' if met['accuracy_drop_points'] else 'MISSED'})")
         if framework == "keras":
             export_verb.render_export(report["tflite"])
