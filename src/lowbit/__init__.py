@@ -8,6 +8,7 @@ Public API (heavy dependencies are imported only when a function is called)::
     cm = lowbit.compress("model.onnx", "train.npz", sparsity=0.95, bits=5, epochs=30)
     cm.save("model.lbz")
     cm = lowbit.compress("cnn.onnx", "train.npz", recipe="edge")   # or a YAML recipe file
+    lowbit.export_tflite("cnn.keras", "cnn.tflite", data="train.npz")  # lowbit[tf]
     # any techniques, in order, over one in-memory model:
     r = lowbit.run("model.onnx", [lowbit.PruneConfig(sparsity=0.5, epochs=2),
                                   lowbit.Int8Config(mode="static")], data="train.npz")
@@ -25,8 +26,9 @@ _CONFIG = ("Int8Config", "WeightOnlyConfig", "MixedPrecisionConfig", "PruneConfi
            "ClusterInit", "Precision", "config_from_dict", "QatConfig", "DistillConfig",
            "DistillSettings")
 _RECIPE = ("Recipe", "load_recipe", "builtin_recipes")
+_EXPORT = ("export_tflite",)
 
-__all__ = [*_API, *_CONFIG, *_RECIPE, "LowbitError", "__version__"]
+__all__ = [*_API, *_CONFIG, *_RECIPE, *_EXPORT, "LowbitError", "__version__"]
 
 from lowbit.errors import LowbitError  # noqa: E402  (cheap, no heavy imports)
 from lowbit.version import __version__  # noqa: E402
@@ -41,6 +43,10 @@ def __getattr__(name: str) -> Any:
         from lowbit import config
 
         return getattr(config, name)
+    if name in _EXPORT:
+        from lowbit import export
+
+        return getattr(export, name)
     if name in _RECIPE:
         from lowbit.config import recipe
 
