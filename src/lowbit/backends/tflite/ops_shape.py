@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 
 from lowbit.backends.onnx.graph import attr
-from lowbit.backends.tflite.tensors import identity, inverse
+from lowbit.backends.tflite.tensors import identity, inverse, scalar
 from lowbit.errors import UnsupportedOpError
 from lowbit.quant.plan import Treatment
 
 QUANTIZED = (Treatment.STATIC, Treatment.PASSTHROUGH)
 UNARY = {"Relu": "RELU", "Sigmoid": "LOGISTIC", "Tanh": "TANH", "HardSwish": "HARD_SWISH",
-         "Exp": "EXP", "Abs": "ABS", "Sqrt": "SQRT", "Neg": "NEG"}
+         "Exp": "EXP", "Abs": "ABS", "Sqrt": "SQRT", "Neg": "NEG", "Elu": "ELU"}
+ELU_ALPHA = 1.0  # TFLite's ELU has alpha 1
 BINARY = {"Add": "ADD", "Sub": "SUB", "Mul": "MUL", "Div": "DIV", "Max": "MAXIMUM",
           "Min": "MINIMUM"}
 BINARY_OPTIONS = {"ADD": "AddOptions", "SUB": "SubOptions", "MUL": "MulOptions",
@@ -79,6 +80,9 @@ def _float_out(w: Any, out: str, perm: tuple[int, ...]) -> int:
 
 def unary(w: Any, node: onnx.NodeProto, name: str) -> None:
     x, out = node.input[0], node.output[0]
+    if node.op_type == "Elu" and float(attr(node, "alpha", 1.0)) != ELU_ALPHA:
+        raise UnsupportedOpError(f"{w.source}: node {name!r} (Elu) with alpha "
+                                 f"{attr(node, 'alpha', 1.0)}: TFLite's ELU has alpha 1")
     kind = UNARY[node.op_type]
     xin = w.t.float_of(x)
     y = _float_out(w, out, w.t.layout(x))
@@ -87,18 +91,18 @@ def unary(w: Any, node: onnx.NodeProto, name: str) -> None:
 
 def clip(w: Any, node: onnx.NodeProto, name: str) -> None:
     x, out = node.input[0], node.output[0]
-    lo = w.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-    hi = w.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    lo = scalar(w.constant(node.input[1])) if len(node.input) > 1 and node.input[1] else None
+    hi = scalar(w.constant(node.input[2])) if len(node.input) > 2 and node.input[2] else None
     xin = w.t.float_of(x)
     perm = w.t.layout(x)
-    if lo is not None and hi is not None and (float(lo), float(hi)) == (0.0, 6.0):
+    if (lo, hi) == (0.0, 6.0):
         w.b.op("RELU6", [xin], [_float_out(w, out, perm)])
         return
     cur = xin
     for bound, kind in ((lo, "MAXIMUM"), (hi, "MINIMUM")):
         if bound is None:
             continue
-        c = w.b.constant(f"{name}/{kind.lower()}", np.asarray(bound, np.float32).reshape(()))
+        c = w.b.constant(f"{name}/{kind.lower()}", np.asarray(bound, np.float32))
         last = kind == "MINIMUM" or hi is None
         y = _float_out(w, out, perm) if last else w.b.tensor(
             f"{out}/lo", w.t.physical_shape(x), "float32")
@@ -159,6 +163,25 @@ def concat(w: Any, node: onnx.NodeProto, name: str) -> None:
                                                    axis=perm.index(axis)))
 
 
+def resize(w: Any, node: onnx.NodeProto, name: str) -> None:
+    """Nearest-neighbour upsampling of H and W (asymmetric coordinates, floor), as Keras'
+    UpSampling2D: RESIZE_NEAREST_NEIGHBOR to the output's size."""
+    x, out = node.input[0], node.output[0]
+    mode = attr(node, "mode", b"nearest")
+    coords = attr(node, "coordinate_transformation_mode", b"half_pixel")
+    nearest = attr(node, "nearest_mode", b"round_prefer_floor")
+    text = [v.decode() if isinstance(v, bytes) else v for v in (mode, coords, nearest)]
+    if text != ["nearest", "asymmetric", "floor"] or len(w.t.shapes[x]) != 4 \
+            or w.t.shapes[out][:2] != w.t.shapes[x][:2]:
+        raise UnsupportedOpError(f"{w.source}: node {name!r} (Resize): only nearest "
+                                 "upsampling of H and W with asymmetric/floor coordinates")
+    xin = w.t.to_layout(x, (0, 2, 3, 1))
+    y = _float_out(w, out, (0, 2, 3, 1))
+    size = w.b.constant(f"{name}/size", np.asarray(w.t.shapes[out][2:], np.int32))
+    w.b.op("RESIZE_NEAREST_NEIGHBOR", [xin, size], [y],
+           *w.b.options("ResizeNearestNeighborOptions", alignCorners=False))
+
+
 def softmax(w: Any, node: onnx.NodeProto, name: str) -> None:
     x, out = node.input[0], node.output[0]
     rank = len(w.t.shapes[x])
@@ -171,7 +194,10 @@ def softmax(w: Any, node: onnx.NodeProto, name: str) -> None:
                                      "of a tensor whose last axis is another")
     xin = w.t.to_layout(x, perm)
     y = _float_out(w, out, perm)
-    w.b.op("SOFTMAX", [xin], [y], *w.b.options("SoftmaxOptions", beta=1.0))
+    if node.op_type == "LogSoftmax":
+        w.b.op("LOG_SOFTMAX", [xin], [y])
+    else:
+        w.b.op("SOFTMAX", [xin], [y], *w.b.options("SoftmaxOptions", beta=1.0))
 
 
 def pad(w: Any, node: onnx.NodeProto, name: str) -> None:
@@ -223,5 +249,6 @@ SHAPE_EMITTERS: dict[str, Callable[[Any, onnx.NodeProto, str], None]] = {
     "Identity": identity_op, "Dropout": identity_op, "Transpose": transpose,
     "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape,
     "Clip": clip, "LeakyRelu": leaky_relu, "Concat": concat, "Softmax": softmax, "Pad": pad,
+    "LogSoftmax": softmax, "Resize": resize,
     **{k: unary for k in UNARY}, **{k: binary for k in BINARY}, **{k: reduce for k in REDUCE},
 }

@@ -31,6 +31,13 @@ def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def scalar(value: Any) -> float | None:
+    """A one-element constant as a float (None if absent or not one element)."""
+    if value is None or np.asarray(value).size != 1:
+        return None
+    return float(np.asarray(value).reshape(-1)[0])
+
+
 def int8_quant(params: TensorQuantParams) -> Quant:
     """TFLite INT8 parameters of an 8-bit activation: an unsigned plan (zero point in
     [0, 255]) is the same grid shifted by 128."""

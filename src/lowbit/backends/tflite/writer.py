@@ -20,7 +20,7 @@ from lowbit.backends.onnx.graph import node_name
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.backends.tflite.flatbuffer import FlatBuilder, Quant
 from lowbit.backends.tflite.ops import EMITTERS
-from lowbit.backends.tflite.tensors import TensorTable, identity, int8_quant
+from lowbit.backends.tflite.tensors import TensorTable, identity, int8_quant, scalar
 from lowbit.errors import UnsupportedOpError
 from lowbit.quant import affine
 from lowbit.quant.plan import Fold, QuantizationPlan, Treatment
@@ -189,14 +189,15 @@ def _activation_kind(node: onnx.NodeProto, constant: Any) -> str | None:
     if node.op_type == "Relu":
         return "RELU"
     if node.op_type == "Clip":
-        bounds = [constant(x) if x else None for x in list(node.input[1:3])]
-        lo = float(bounds[0]) if len(bounds) > 0 and bounds[0] is not None else None
-        hi = float(bounds[1]) if len(bounds) > 1 and bounds[1] is not None else None
+        bounds = [scalar(constant(x)) if x else None for x in list(node.input[1:3])]
+        lo = bounds[0] if len(bounds) > 0 else None
+        hi = bounds[1] if len(bounds) > 1 else None
         if (lo, hi) == (0.0, 6.0):
             return "RELU6"
         if (lo, hi) == (-1.0, 1.0):
             return "RELU_N1_TO_1"
     return None
+
 
 
 def _shapes(graph: onnx.GraphProto, init: set[str], source: str
