@@ -180,11 +180,14 @@ def batch_matmul(w: Writer, node: onnx.NodeProto, name: str) -> None:
 
 
 def _int8_input(w: Writer, name: str, x: str) -> Any:
-    """The INT8 parameters an op that keeps its input's grid runs on, or None (float)."""
+    """The INT8 parameters a pooling op runs on: its input's, when the input already is
+    INT8; else None (float). Pooling commutes with quantization, so running it in float
+    and quantizing its (smaller) output for the next INT8 op gives the same codes and
+    moves the QUANTIZE onto fewer elements."""
     if w.treatment(name) not in QUANTIZED:
         return None
     have = w.t.int8.get(x)
-    return have[1] if have is not None else w.act_quant(x)
+    return have[1] if have is not None else None
 
 
 def pool(w: Writer, node: onnx.NodeProto, name: str) -> None:

@@ -147,8 +147,15 @@ class TensorTable:
             if name in self.dynamic_batch:
                 sig = tuple(-1 if w == 0 else d for w, d in zip(want, shape))
             out = self.b.tensor(f"{name}/transposed", shape, dtype, quant=quant, signature=sig)
-            perm_t = self.b.constant(f"{name}/perm", np.asarray(order, dtype=np.int32))
-            self.b.op("TRANSPOSE", [src, perm_t], [out])
+            moved = [a for a in have if self.shapes[name][a] != 1]
+            if moved == [a for a in want if self.shapes[name][a] != 1]:
+                # only size-1 axes move (e.g. NCHW -> NHWC with one channel): a reshape
+                target = np.asarray(sig if sig is not None else shape, dtype=np.int32)
+                self.b.op("RESHAPE", [src, self.b.constant(f"{name}/shape", target)], [out],
+                          *self.b.options("ReshapeOptions", newShape=[int(d) for d in target]))
+            else:
+                perm_t = self.b.constant(f"{name}/perm", np.asarray(order, dtype=np.int32))
+                self.b.op("TRANSPOSE", [src, perm_t], [out])
             self._consts[key] = out
         return self._consts[key]
 
