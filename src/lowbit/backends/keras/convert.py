@@ -138,8 +138,7 @@ class _Walker:
     def _layer(self, op: Any, node: Any, ins: list[Value]) -> list[Value]:
         cls = type(op).__name__
         if not isinstance(op, self.keras.layers.Layer):
-            raise UnsupportedOpError(f"{self.source}: operation '{op.name}' (keras.ops {cls}) "
-                                     "cannot be converted; use the matching Keras layer instead")
+            return [self._arithmetic(op, node, ins)]
         kind = self.types.get(type(op))
         if kind is None:
             raise UnsupportedOpError(f"{self.source}: layer '{op.name}' ({cls}) cannot be "
@@ -154,3 +153,29 @@ class _Walker:
         if any(kwargs.get(k) is not None for k in ("mask", "attention_mask")):
             raise call.fail("it is called with a mask (masks are not converted)")
         return LAYERS[kind](call)
+
+    def _arithmetic(self, op: Any, node: Any, ins: list[Value]) -> Value:
+        """``x + 3.0``, ``x * y``, ... written on Keras tensors in a functional model
+        (``keras.ops`` add, subtract, multiply, divide): one ONNX node."""
+        cls = type(op).__name__
+        args = list(getattr(node.arguments, "args", ()))
+        if type(op).__module__ != "keras.src.ops.numpy" or cls not in _ARITHMETIC \
+                or len(args) != 2 or getattr(node.arguments, "kwargs", None):
+            raise UnsupportedOpError(
+                f"{self.source}: operation '{op.name}' (keras.ops {cls}) cannot be converted; "
+                "use the matching Keras layer instead (keras.ops add, subtract, multiply and "
+                "divide are supported)")
+        g, tensors = self.g, iter(ins)
+        values = [next(tensors) if isinstance(a, self.keras.KerasTensor) else None for a in args]
+        data = [v for v in values if v is not None]
+        layout = g.common_layout(data)
+        rank = max(v.rank for v in data)
+        names = [g.get(v, layout) if v is not None else
+                 g.const_for(np.asarray(a, dtype=np.float32), layout, rank, f"{op.name}.const")
+                 for v, a in zip(values, args)]
+        return g.result(g.node(_ARITHMETIC[cls], names, op.name), layout,
+                        tuple(node.outputs[0].shape), data[0].dtype)
+
+
+_ARITHMETIC = {"Add": "Add", "Subtract": "Sub", "Multiply": "Mul", "Divide": "Div",
+               "TrueDivide": "Div"}

@@ -11,6 +11,7 @@ source's element order exactly."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,33 +60,58 @@ def dynamic_dims(shape: tuple[int | None, ...], name: str) -> list[int | str]:
 class Graph:
     """Nodes, initializers and unique names of one ONNX graph being written."""
 
-    def __init__(self, name: str, reserved: list[str] = ()) -> None:  # type: ignore[assignment]
+    def __init__(self, name: str, reserved: tuple[str, ...] | list[str] = ()) -> None:
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.used: set[str] = set(reserved)
+        self.node_names: set[str] = set()
+        self._consts: dict[tuple[str, str], str] = {}  # a shared layer's weights, stored once
 
-    def fresh(self, base: str) -> str:
+    def fresh(self, base: str, used: set[str] | None = None) -> str:
+        """A tensor name (or, with ``used``, a name in that set) not taken yet."""
+        used = self.used if used is None else used
         base = base or "t"
         name, k = base, 1
-        while name in self.used:
+        while name in used:
             name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
+        used.add(name)
         return name
 
     def const(self, array: Any, base: str) -> str:
-        name = self.fresh(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
+        """An initializer holding ``array``; the same values under the same base name (a
+        layer called twice) are stored once."""
+        arr = np.ascontiguousarray(array)
+        key = (base, f"{arr.dtype}{arr.shape}{hashlib.sha1(arr.tobytes()).hexdigest()}")
+        if key not in self._consts:
+            self._consts[key] = name = self.fresh(base)
+            self.initializers.append(numpy_helper.from_array(arr, name))
+        return self._consts[key]
 
     def node(self, op: str, inputs: list[str], base: str, *, outputs: int = 1,
              **attrs: Any) -> Any:
         """Add one node; its output name (or names, with ``outputs`` > 1)."""
-        name = self.fresh(base)
-        outs = [name] if outputs == 1 else [self.fresh(f"{name}:{i}") for i in range(outputs)]
+        name = self.fresh(base, self.node_names)  # a Keras layer's node keeps its name
+        outs = [self.fresh(name)] if outputs == 1 else \
+            [self.fresh(f"{name}:{i}") for i in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
         return outs[0] if outputs == 1 else outs
+
+    def set_const(self, name: str, array: Any, base: str) -> str:
+        """``array`` in place of the initializer ``name`` (a folded weight): rewritten where
+        nothing else reads it, else a new initializer; the name to read it by."""
+        readers = sum(x == name for n in self.nodes for x in n.input)
+        tensor = next((t for t in self.initializers if t.name == name), None)
+        if tensor is None or readers != 1:
+            return self.const(array, base)
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._consts = {k: v for k, v in self._consts.items() if v != name}
+        return name
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        tensor = next((t for t in self.initializers if t.name == name), None)
+        return None if tensor is None else numpy_helper.to_array(tensor)
 
     def add_input(self, name: str, dtype: int, shape: tuple[int | None, ...]) -> Value:
         self.used.add(name)
@@ -147,7 +173,7 @@ class Graph:
             producer = next((n for n in self.nodes if src in n.output), None)
             if src in graph_inputs or src in renamed or producer is None:
                 self.nodes.append(helper.make_node("Identity", [src], [name],
-                                                   name=self.fresh(f"{name}_identity")))
+                                                   name=self.fresh(f"{name}_identity", self.node_names)))
             else:
                 renamed[src] = name
             infos.append(helper.make_tensor_value_info(name, value.dtype,

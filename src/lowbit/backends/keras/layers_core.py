@@ -9,7 +9,7 @@ import numpy as np
 from onnx import TensorProto
 
 from lowbit.backends.keras.call import Call, converts
-from lowbit.backends.keras.graph import KERAS, Value, norm_axis
+from lowbit.backends.keras.graph import KERAS, NCHW, Value, norm_axis
 
 
 @converts("Dense")
@@ -43,7 +43,15 @@ def flatten(call: Call) -> list[Value]:
 
 @converts("Reshape")
 def reshape(call: Call) -> list[Value]:
-    shape = np.array([0, *call.layer.target_shape], dtype=np.int64)  # 0: keep the batch
+    target = tuple(call.layer.target_shape)
+    if len(target) == 3 and target[:2] == (1, 1) and call.x.rank == 2:
+        # (N, C) -> (N, 1, 1, C), e.g. a squeeze-excite block: the same elements are
+        # (N, C, 1, 1) channels-first, so the Conv after it needs no Transpose
+        shape = np.array([0, target[2], 1, 1], dtype=np.int64)
+        out = call.g.node("Reshape", [call.g.get(call.x, KERAS),
+                                      call.g.const(shape, f"{call.name}.shape")], call.name)
+        return [call.out(out, NCHW)]
+    shape = np.array([0, *target], dtype=np.int64)  # 0: keep the batch
     out = call.g.node("Reshape", [call.g.get(call.x, KERAS),
                                   call.g.const(shape, f"{call.name}.shape")], call.name)
     return [call.out(out, KERAS)]
@@ -201,3 +209,21 @@ def embedding(call: Call) -> list[Value]:
     table = g.const(call.weight(call.layer.embeddings), f"{call.name}.weight")
     return [call.out(g.node("Gather", [table, ids], call.name, axis=0), KERAS,
                      dtype=TensorProto.FLOAT)]
+
+
+@converts("Normalization")
+def normalization(call: Call) -> list[Value]:
+    layer, g, x = call.layer, call.g, call.x
+    if getattr(layer, "invert", False):
+        raise call.fail("invert=True is not supported")
+    import keras
+
+    mean, var = call.weight(layer.mean), call.weight(layer.variance)  # broadcast shapes
+    std = np.maximum(np.sqrt(var), np.float32(keras.backend.epsilon())).astype(np.float32)
+    layout = g.layout(x)
+    centred = g.node("Sub", [g.get(x, layout), g.const_for(mean, layout, x.rank,
+                                                           f"{call.name}.mean")],
+                     f"{call.name}_centre")
+    out = g.node("Div", [centred, g.const_for(std, layout, x.rank, f"{call.name}.std")],
+                 call.name)
+    return [call.out(out, layout)]

@@ -46,8 +46,11 @@ def classic_cnn(side: int = 28, classes: int = 10) -> Any:
 def train_keras(model: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int = 32,
                 seed: int, lr: float = 1e-3) -> list[float]:
     """Train ``model`` (logits out) on NHWC float32 ``x`` and integer labels ``y`` with
-    Adam and sparse categorical cross-entropy; the same seed gives the same weights.
-    Returns the mean training loss of each epoch. (The model is compiled anew.)"""
+    Adam and sparse categorical cross-entropy. ``seed`` fixes the shuffling and dropout
+    (``keras.utils.set_random_seed``): the same starting weights and seed give the same
+    losses and weights. (The starting weights are drawn when the model is built: seed
+    before building for a fully repeatable run.) Returns the mean training loss of each
+    epoch. The model is compiled anew."""
     keras = import_keras("training a Keras model")
     keras.utils.set_random_seed(int(seed))
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr),

@@ -120,7 +120,8 @@ class _Converter:
                     f"{self.source}: operation '{op.name}' ({op.type}) cannot be converted; "
                     f"supported: {', '.join(sorted(tf_ops.OPS))}")
             for tensor, value in zip(op.outputs, handler(self, op)):
-                self.values[tensor.name] = value
+                if value is not None:
+                    self.values[tensor.name] = value
         results = []
         for name, tensor in zip(out_names, self.outputs):
             if tensor.name not in self.values:  # an output that is a constant

@@ -15,7 +15,7 @@ import numpy as np
 from lowbit.backends.keras.call import pads_for
 from lowbit.backends.keras.graph import KERAS, NCHW, TO_NCHW, Value, norm_axis
 
-OPS: dict[str, Callable[[Any, Any], list[Value]]] = {}
+OPS: dict[str, Callable[[Any, Any], list[Value | None]]] = {}  # None: a constant output
 
 
 def _op(*types: str) -> Callable[[Callable[[Any, Any], list[Value]]], Callable]:
@@ -119,19 +119,39 @@ def pool(cv: Any, op: Any) -> list[Value]:
     return [_out(cv, op, out, layout)]
 
 
-def _attach_bias(cv: Any, op: Any, x: Value, bias: np.ndarray) -> bool:
-    """Give a bias-less Conv/Gemm that only this op reads ``bias`` as its own."""
-    if bias.ndim < 1 or any(d != 1 for d in bias.shape[:-1]) or cv.consumers(op.inputs[0]) != 1 \
-            or len(x.names) != 1:
+def _fold_channelwise(cv: Any, op: Any, x: Value, const: np.ndarray, mul: bool) -> bool:
+    """Fold ``x * const`` (``mul``) or ``x + const`` into the Conv or Gemm that made ``x``
+    when only this op reads it and ``const`` is one value per output channel (a bias, a
+    BatchNorm that Keras' export wrote as multiply-add): the weight or bias absorbs it."""
+    vec = np.asarray(const, dtype=np.float32)
+    if vec.ndim > x.rank or any(d != 1 for d in vec.shape[:-1]) \
+            or cv.consumers(op.inputs[0]) != 1 or len(x.names) != 1:
         return False
     name = next(iter(x.names.values()))
-    producer = next((n for n in reversed(cv.g.nodes) if name in n.output), None)
-    if producer is None or producer.op_type not in ("Conv", "Gemm") or len(producer.input) != 2:
+    g = cv.g
+    producer = next((n for n in reversed(g.nodes) if name in n.output), None)
+    if producer is None or producer.op_type not in ("Conv", "Gemm") \
+            or (producer.op_type == "Conv") != (NCHW in x.names):
         return False
     channels = x.shape[-1]
-    if channels != bias.shape[-1] or (producer.op_type == "Conv" and NCHW not in x.names):
+    vec = np.broadcast_to(vec.reshape(-1), (channels,)) if vec.size == 1 else vec.reshape(-1)
+    weight = g.const_value(producer.input[1])
+    if vec.shape[0] != channels or weight is None or weight.shape[0] != channels:
+        return False  # (a Gemm's weight is (out, in): transB=1, as ``matmul`` writes it)
+    bias = g.const_value(producer.input[2]) if len(producer.input) > 2 else None
+    if bias is None and len(producer.input) > 2:
         return False
-    producer.input.append(cv.g.const(bias.reshape(-1).astype(np.float32), f"{producer.name}.bias"))
+    if mul:
+        scaled = weight * vec.reshape((-1,) + (1,) * (weight.ndim - 1))
+        producer.input[1] = g.set_const(producer.input[1], scaled, f"{producer.name}.weight")
+        bias = None if bias is None else bias * vec
+    else:
+        bias = vec.copy() if bias is None else bias + vec
+    if bias is not None:
+        if len(producer.input) > 2:
+            producer.input[2] = g.set_const(producer.input[2], bias, f"{producer.name}.bias")
+        else:
+            producer.input.append(g.const(bias, f"{producer.name}.bias"))
     return True
 
 
@@ -154,8 +174,8 @@ def binary(cv: Any, op: Any) -> list[Value]:
         const = cb if ca is None else ca
         if op.type == "BiasAdd" and _attr(op, "data_format", "NHWC") != "NHWC":
             raise cv.fail(op, "a channels-first BiasAdd")
-        if op.type in ("AddV2", "Add", "BiasAdd") and ca is None and _attach_bias(cv, op, data,
-                                                                                  const):
+        if op.type in ("AddV2", "Add", "BiasAdd", "Mul") and (ca is None or op.type == "Mul") \
+                and _fold_channelwise(cv, op, data, const, mul=op.type == "Mul"):
             return [data]
         layout = g.layout(data) if data.rank == rank else KERAS
         c = g.const_for(np.asarray(const, dtype=np.float32), layout, rank, f"{_base(op)}.const")
@@ -188,8 +208,13 @@ _UNARY = {"Relu": "Relu", "Sigmoid": "Sigmoid", "Tanh": "Tanh", "Elu": "Elu", "S
           "Abs": "Abs"}
 
 
-@_op(*_UNARY, "Relu6", "LeakyRelu", "Identity", "StopGradient", "Softmax")
+@_op(*_UNARY, "Relu6", "LeakyRelu", "Identity", "IdentityN", "StopGradient", "Softmax")
 def unary(cv: Any, op: Any) -> list[Value]:
+    if op.type == "IdentityN":  # (a custom gradient's wrapper) constants pass as constants
+        for t, out in zip(op.inputs, op.outputs):
+            if cv.const(t) is not None:
+                cv.consts[out.name] = cv.const(t)
+        return [None if cv.const(t) is not None else cv.value(t) for t in op.inputs]
     x = cv.value(op.inputs[0])
     if op.type in ("Identity", "StopGradient"):
         return [x]
