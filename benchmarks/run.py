@@ -211,7 +211,10 @@ BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": _module("chain", "bench_demo
            "T2b": _module("chain", "bench_gpt_qat"),
            "T1": _module("training", "bench_distill"),
            "T2": _module("training", "bench_qat"),
-           "T5": _module("training", "bench_bf16")}
+           "T5": _module("training", "bench_bf16"),
+           "K1": _module("tflite", "bench_k1"), "K2": _module("tflite", "bench_k2"),
+           "K3": _module("tflite", "bench_k3"), "K4": _module("tflite", "bench_k4"),
+           "K5": _module("tflite", "bench_k5")}
 
 
 def collect(benches: dict, only: str) -> list[dict]:
