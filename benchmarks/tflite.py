@@ -39,7 +39,7 @@ EPOCHS = {"classic": 4, "tutorial": 6}
 LR = {"classic": 1e-3, "tutorial": 3e-3}
 BATCHES = (1, 64)
 # rounds of the alternating timing run per batch (more while under min_time_s)
-ROUNDS = {1: 300, 64: 60}
+ROUNDS = {1: 400, 64: 200}
 MIN_TIME_S = 2.0
 
 
