@@ -148,6 +148,12 @@ class Writer:
                          layout: Any, axis: int, key: Any) -> int:
         """INT8 (or INT4 when ``params.bits`` <= 4) codes of ``values`` (ONNX layout),
         rearranged by ``layout`` (a function on arrays) with the channel axis ``axis``."""
+        if params.granularity is Granularity.GROUP:
+            raise UnsupportedOpError(
+                f"{self.source}: weight {name!r} is quantized in groups of "
+                f"{params.group_size}; lowbit's TFLite files take per-channel weights (export "
+                "the float model with --mode int4 for INT4 fully connected weights)")
+
         def make() -> int:
             codes = affine.quantize(values, params, dtype=np.int8)
             if np.any(np.asarray(params.zero_point) != 0):
