@@ -7,6 +7,8 @@ instead of showing a traceback.
 
 from __future__ import annotations
 
+TF_EXTRA = 'pip install "lowbit[tf]"'  # the extra with TensorFlow, Keras and LiteRT
+
 
 class LowbitError(Exception):
     """Base class of every error lowbit raises on purpose."""

@@ -8,9 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from lowbit.errors import TF_EXTRA as INSTALL_HINT
 from lowbit.errors import ValidationError
-
-INSTALL_HINT = 'pip install "lowbit[tf]"'
 
 
 def _quiet_tf_logs() -> None:

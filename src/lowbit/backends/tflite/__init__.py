@@ -8,28 +8,17 @@ LiteRT (``ai-edge-litert``) is an optional extra: ``pip install "lowbit[tf]"``.
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Any
 
-from lowbit.errors import ValidationError
-
-EXTRA_HINT = 'pip install "lowbit[tf]"'
+from lowbit.errors import TF_EXTRA, ValidationError
 
 
 def litert(module: str = "interpreter") -> Any:
     """``ai_edge_litert.<module>``, or one clear line saying which extra to install."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         return importlib.import_module(f"ai_edge_litert.{module}")
     except ImportError:
         raise ValidationError(
-            f"TFLite files need LiteRT (ai-edge-litert), which is not installed: {EXTRA_HINT}"
+            f"TFLite files need LiteRT (ai-edge-litert), which is not installed: {TF_EXTRA}"
         ) from None
 
-
-def has_litert() -> bool:
-    try:
-        importlib.import_module("ai_edge_litert.interpreter")
-    except ImportError:
-        return False
-    return True
