@@ -63,6 +63,18 @@ def input_file(path: str | os.PathLike[str], what: str,
     return p
 
 
+def has_magic(path: Any, magic: bytes, offset: int = 0) -> bool:
+    """Whether ``path`` is a regular file whose bytes at ``offset`` are ``magic`` (a file
+    told apart by its content, not its name)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as fh:
+        return fh.read(offset + len(magic))[offset:] == magic
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_open(path) as handle:
         handle.write(data)

@@ -17,19 +17,14 @@ from lowbit.backends.keras import is_keras_model, is_keras_path
 from lowbit.backends.onnx.load import check_opset, load_model, normalise, read_model
 from lowbit.backends.onnx.store import FloatModel
 from lowbit.errors import DataError, ModelLoadError, ValidationError
+from lowbit.fileio import has_magic
 
 
 def is_lbz(path: str | os.PathLike[str]) -> bool:
     """True if ``path`` is a file that starts with the .lbz magic (content, not name)."""
     from lowbit.container.format import MAGIC
 
-    if not isinstance(path, (str, os.PathLike)):
-        return False
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as fh:
-        return fh.read(len(MAGIC)) == MAGIC
+    return has_magic(path, MAGIC)
 
 
 def decode_lbz(data: bytes, source: str) -> onnx.ModelProto:

@@ -12,6 +12,7 @@ import numpy as np
 
 from lowbit.backends.tflite import litert
 from lowbit.errors import ModelLoadError
+from lowbit.fileio import has_magic
 from lowbit.layouts import InputSpec
 
 TFLITE_MAGIC = b"TFL3"
@@ -19,13 +20,7 @@ TFLITE_MAGIC = b"TFL3"
 
 def is_tflite(path: Any) -> bool:
     """A file whose flatbuffer identifier (bytes 4-8) is TFL3."""
-    if not isinstance(path, (str, os.PathLike)):
-        return False
-    p = Path(path)
-    if not p.is_file():
-        return False
-    with open(p, "rb") as fh:
-        return fh.read(8)[4:8] == TFLITE_MAGIC
+    return has_magic(path, TFLITE_MAGIC, offset=4)
 
 
 class TfliteSession:
