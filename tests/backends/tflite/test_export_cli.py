@@ -59,8 +59,11 @@ def test_export_auto_then_bench_eval_inspect(trained, capsys):
     rows = t["candidates"]
     assert rows[0]["name"] == "float" and sum(r["kept"] for r in rows) == 1
     kept = next(r for r in rows if r["kept"])
-    # never slower than a model it could have built: the kept one is the fastest eligible
-    assert kept["name"] == "float" or kept["speedup"] >= 1.0
+    # never slower than a model it could have built: a quantized model is kept only when
+    # it is at least as fast as float, within the timing-noise band (then it is smaller)
+    from lowbit.backends.tflite.candidates import TIE
+
+    assert kept["name"] == "float" or kept["speedup"] >= TIE
     assert v["loads_and_runs_in_litert"] and v["samples"] == 360
     assert abs(v["accuracy"]["tflite"] - v["accuracy"]["float onnx"]) <= 0.02
     assert v["size_ratio_vs_float_tflite"] < 0.6 or kept["name"] == "float"
