@@ -61,7 +61,7 @@ def demo(
         if targets:
             m, met = targets["measured"], targets["met"]
             drop = m["accuracy_drop_points"]
-            change = "n/a" if drop is None else f"{-drop:+.2f}"
+            change = "n/a" if drop is None else f"{0.0 - drop:+.2f}"
             out_console.print(
                 "targets (final vs float): "
                 f"speed {m['speedup']}x (>= 2x: {'met' if met['speedup'] else 'MISSED'}), "
