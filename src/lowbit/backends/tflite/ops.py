@@ -147,7 +147,13 @@ def _weighted(w: Writer, node: onnx.NodeProto, name: str, treatment: Treatment, 
             w.b.op(kind, [xin, wt, bias], [y], *options, version=version)
             w.t.set_int8(out, y, out_q, out_perm)
             return
-    act, out = w.activation_after(node, name)
+    fused = w.bias_after(node, int(w.constant(wname).shape[-1])) \
+        if node.op_type == "MatMul" and bname is None else None  # (K, N): N channels
+    if fused is not None:
+        bname = fused[0]
+        act, out = w.activation_after(fused[1], w.name_of[id(fused[1])])
+    else:
+        act, out = w.activation_after(node, name)
     if treatment in (Treatment.DYNAMIC, Treatment.WEIGHT_ONLY) and params is not None:
         values = plan.values_of(wname, fm.constant)
         wt = w.quantized_weight(wname, params, values, layout, axis, (wname, "hybrid"))
@@ -242,11 +248,11 @@ def global_pool(w: Writer, node: onnx.NodeProto, name: str) -> None:
         w.t.set_float(out, y, NHWC)
 
 
-from lowbit.backends.tflite.ops_shape import (  # noqa: E402  (emitters of the other ops)
-    SHAPE_EMITTERS,
-)
+from lowbit.backends.tflite.ops_more import MORE_EMITTERS  # noqa: E402  (the other ops)
+from lowbit.backends.tflite.ops_shape import SHAPE_EMITTERS  # noqa: E402
 
 EMITTERS: dict[str, Callable[[Writer, onnx.NodeProto, str], None]] = {
     "Conv": conv, "Gemm": gemm, "MatMul": gemm, "MaxPool": pool, "AveragePool": pool,
     "GlobalAveragePool": global_pool, "GlobalMaxPool": global_pool, **SHAPE_EMITTERS,
+    **MORE_EMITTERS,
 }

@@ -170,11 +170,19 @@ def resize(w: Any, node: onnx.NodeProto, name: str) -> None:
     mode = attr(node, "mode", b"nearest")
     coords = attr(node, "coordinate_transformation_mode", b"half_pixel")
     nearest = attr(node, "nearest_mode", b"round_prefer_floor")
-    text = [v.decode() if isinstance(v, bytes) else v for v in (mode, coords, nearest)]
-    if text != ["nearest", "asymmetric", "floor"] or len(w.t.shapes[x]) != 4 \
-            or w.t.shapes[out][:2] != w.t.shapes[x][:2]:
+    mode, coords, nearest = (v.decode() if isinstance(v, bytes) else v
+                             for v in (mode, coords, nearest))
+    shape_in, shape_out = w.t.shapes[x], w.t.shapes[out]
+    whole = len(shape_in) == 4 and shape_out[:2] == shape_in[:2] and all(
+        o % i == 0 for i, o in zip(shape_in[2:], shape_out[2:]))
+    # with whole upsampling factors, half-pixel coordinates rounded to nearest pick the
+    # same source pixels as asymmetric ones floored (TFLite's nearest neighbour)
+    same = (coords, nearest) == ("asymmetric", "floor") or (
+        coords in ("half_pixel", "pytorch_half_pixel")
+        and nearest in ("round_prefer_floor", "round_prefer_ceil"))
+    if mode != "nearest" or not whole or not same:
         raise UnsupportedOpError(f"{w.source}: node {name!r} (Resize): only nearest "
-                                 "upsampling of H and W with asymmetric/floor coordinates")
+                                 "upsampling of H and W by whole factors")
     xin = w.t.to_layout(x, (0, 2, 3, 1))
     y = _float_out(w, out, (0, 2, 3, 1))
     size = w.b.constant(f"{name}/size", np.asarray(w.t.shapes[out][2:], np.int32))
@@ -205,17 +213,22 @@ def pad(w: Any, node: onnx.NodeProto, name: str) -> None:
     mode = attr(node, "mode", b"constant")
     pads = w.constant(node.input[1]) if len(node.input) > 1 else None
     value = w.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if (mode not in (b"constant", "constant") or pads is None
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if (mode not in ("constant", "reflect") or pads is None
             or (value is not None and float(value) != 0.0)):
-        raise UnsupportedOpError(f"{w.source}: node {name!r} (Pad): only constant zero padding "
-                                 "with constant amounts")
+        raise UnsupportedOpError(f"{w.source}: node {name!r} (Pad): only constant zero or "
+                                 "reflect padding with constant amounts")
     rank = len(w.t.shapes[x])
     pads = np.asarray(pads, np.int64).reshape(2, rank).T  # (rank, 2) logical
     perm = w.t.layout(x)
     amounts = np.ascontiguousarray(pads[list(perm)], dtype=np.int32)
     xin = w.t.float_of(x)
     y = _float_out(w, out, perm)
-    w.b.op("PAD", [xin, w.b.constant(f"{name}/pads", amounts)], [y])
+    pads_t = w.b.constant(f"{name}/pads", amounts)
+    if mode == "reflect":
+        w.b.op("MIRROR_PAD", [xin, pads_t], [y], *w.b.options("MirrorPadOptions", mode=0))
+    else:
+        w.b.op("PAD", [xin, pads_t], [y])
 
 
 REDUCE = {"ReduceMean": "MEAN", "ReduceMax": "REDUCE_MAX", "ReduceSum": "SUM"}

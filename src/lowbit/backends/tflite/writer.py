@@ -33,6 +33,8 @@ def write_tflite(fm: FloatModel, plan: QuantizationPlan | None = None, *,
     ``io`` "int8" makes quantized graph inputs/outputs INT8 tensors."""
     w = Writer(fm, plan or QuantizationPlan(), weights=weights, io=io, source=source)
     for node, name in w.order:
+        if name in w.saturations and w.saturate(node):
+            continue
         if name in w.skipped:
             continue
         emit = EMITTERS.get(node.op_type)
@@ -70,6 +72,9 @@ class Writer:
         self.treatments = {d.name: d.treatment for d in plan.decisions}
         self.folds: dict[str, Fold] = {f.producer: f for f in plan.folds}
         self.skipped: set[str] = {f.activation for f in plan.folds}
+        # a Relu/Clip folded into its own output's 8-bit range (nothing before it to fuse
+        # into, e.g. a graph input): quantizing to that range saturates alike
+        self.saturations = {f.activation for f in plan.folds if f.producer == f.activation}
         self.fused: dict[str, tuple[str, str]] = {}  # producer -> (activation, its output)
         self.inputs: list[tuple[str, int]] = []
         for vi in graph.input:
@@ -80,8 +85,11 @@ class Writer:
                 q = int8_quant(params)
                 idx = self.t.new(vi.name, "int8", q, label=vi.name)
                 self.t.set_int8(vi.name, idx, q)
-            else:
-                idx = self.t.new(vi.name, "float32")
+            else:  # (the "float" version of an integer input is the input itself)
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+                    vi.type.tensor_type.elem_type)).name
+                idx = self.t.new(vi.name, dtype if dtype in ("int32", "int64") else "float32",
+                                 label=vi.name)
                 self.t.set_float(vi.name, idx)
             self.inputs.append((vi.name, idx))
 
@@ -102,6 +110,16 @@ class Writer:
             return None
         return self.fm.constant(name)
 
+    def saturate(self, node: onnx.NodeProto) -> bool:
+        """Write a self-folded Relu/Clip as the INT8 form of its output (a QUANTIZE of its
+        input to the output's range); False when the plan gives that range no scale."""
+        x, out = node.input[0], node.output[0]
+        q = self.act_quant(out)
+        if q is None:
+            return False
+        self.t.set_int8(out, self.t.int8_of(x, q), q, self.t.layout(x))
+        return True
+
     # ------------------------------------------------------------------ fused activations
     def activation_after(self, node: onnx.NodeProto, name: str) -> tuple[str, str]:
         """(fused activation, output tensor) for a float/hybrid op: a lone Relu or
@@ -116,6 +134,22 @@ class Writer:
             return "NONE", out
         self.skipped.add(self.name_of[id(nxt)])
         return act, nxt.output[0]
+
+    def bias_after(self, node: onnx.NodeProto, channels: int) -> tuple[str, onnx.NodeProto] | None:
+        """(bias constant, the Add) when a float/hybrid MatMul's lone consumer adds a
+        per-output-channel constant: the Add is skipped and the constant becomes the
+        fully connected op's bias."""
+        out = node.output[0]
+        users = self.consumers.get(out, [])
+        if out in self.outputs or len(users) != 1 or users[0].op_type != "Add":
+            return None
+        add = users[0]
+        other = [x for x in add.input if x != out]
+        value = self.constant(other[0]) if len(other) == 1 else None
+        if value is None or value.size != channels or value.shape[-1:] != (channels,):
+            return None
+        self.skipped.add(self.name_of[id(add)])
+        return other[0], add
 
     def static_activation(self, name: str, out: str) -> tuple[str, str]:
         """(fused activation, output tensor) of a static op: from the plan's fold."""
