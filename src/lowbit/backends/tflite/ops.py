@@ -156,7 +156,8 @@ def _weighted(w: Writer, node: onnx.NodeProto, name: str, treatment: Treatment, 
         act, out = w.activation_after(node, name)
     if treatment in (Treatment.DYNAMIC, Treatment.WEIGHT_ONLY) and params is not None:
         values = plan.values_of(wname, fm.constant)
-        wt = w.quantized_weight(wname, params, values, layout, axis, (wname, "hybrid"))
+        wt = w.quantized_weight(wname, params, values, layout, axis, (wname, "hybrid"),
+                                packed=True)
         if kind == "FULLY_CONNECTED":
             fields = dict(fields, asymmetricQuantizeInputs=True)
     else:

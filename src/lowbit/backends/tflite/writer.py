@@ -75,7 +75,6 @@ class Writer:
         # a Relu/Clip folded into its own output's 8-bit range (nothing before it to fuse
         # into, e.g. a graph input): quantizing to that range saturates alike
         self.saturations = {f.activation for f in plan.folds if f.producer == f.activation}
-        self.fused: dict[str, tuple[str, str]] = {}  # producer -> (activation, its output)
         self.inputs: list[tuple[str, int]] = []
         for vi in graph.input:
             if vi.name in init:
@@ -157,7 +156,7 @@ class Writer:
         if fold is None:
             return "NONE", out
         if fold.clip is None:  # a Relu, or a bias Add absorbed
-            relu = self.treatments and self._op_types.get(fold.activation) == "Relu"
+            relu = self._op_types.get(fold.activation) == "Relu"
             return ("RELU" if relu else "NONE"), fold.output
         lo, hi = fold.clip
         kind = "RELU6" if (lo, hi) == (0.0, 6.0) else "RELU" if lo == 0.0 and hi == np.inf \
@@ -179,9 +178,10 @@ class Writer:
         return self.t.const(("w16", key), make)
 
     def quantized_weight(self, name: str, params: TensorQuantParams, values: np.ndarray,
-                         layout: Any, axis: int, key: Any) -> int:
-        """INT8 (or INT4 when ``params.bits`` <= 4) codes of ``values`` (ONNX layout),
-        rearranged by ``layout`` (a function on arrays) with the channel axis ``axis``."""
+                         layout: Any, axis: int, key: Any, *, packed: bool = False) -> int:
+        """INT8 codes of ``values`` (ONNX layout), rearranged by ``layout`` (a function on
+        arrays) with the channel axis ``axis``; with ``packed`` and ``params.bits`` <= 4, an
+        INT4 tensor (hybrid ops; INT8 ops keep low-bit codes in INT8)."""
         if params.granularity is Granularity.GROUP:
             raise UnsupportedOpError(
                 f"{self.source}: weight {name!r} is quantized in groups of "
@@ -196,7 +196,7 @@ class Writer:
                     "kernels do not take")
             q = Quant.of(params.scale, np.zeros_like(np.asarray(params.scale), np.int64),
                          axis if params.granularity is Granularity.CHANNEL else 0)
-            dtype = "int4" if params.bits <= 4 else "int8"
+            dtype = "int4" if packed and params.bits <= 4 else "int8"
             return self.b.constant(name, layout(codes), dtype, quant=q)
         return self.t.const(("q", key), make)
 
