@@ -32,7 +32,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Write a TFLite model from lowbit's quantization plan; auto keeps the fastest
-    candidate that holds the quality, timed in LiteRT (never slower than float).
+    candidate that holds the quality, timed in LiteRT (float when nothing is faster).
 
     Example: lowbit export cnn.keras --to tflite -o cnn.tflite --data train.npz
     Example: lowbit export cnn.onnx --to tflite -o cnn.int8.tflite --mode int8 --io int8 --data train.npz
