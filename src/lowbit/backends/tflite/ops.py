@@ -129,24 +129,26 @@ def _weighted(w: Writer, node: onnx.NodeProto, name: str, treatment: Treatment, 
         act, out = w.static_activation(name, node.output[0])
         in_q, out_q = w.act_quant(x), w.act_quant(out)
         bname = (item.bias if item is not None and item.bias else None) or bname
-        if in_q is not None and out_q is not None:
-            values = plan.values_of(wname, fm.constant)
-            wt = w.quantized_weight(wname, params, values, layout, axis, (wname, "static"))
-            scales = np.asarray(w.b.tensors[wt].quantization.scale, np.float64)
-            channels = w.b.shape_of(wt)[axis]
-            bias_values = np.zeros(channels) if bname is None else \
-                np.asarray(plan.values_of(bname, fm.constant), np.float64).reshape(-1)
-            grid = np.float64(in_q.scale[0]) * scales
-            if grid.size == 1 and channels > 1:
-                grid = np.repeat(grid, channels)
-            bias = w.int32_bias(bname or f"{name}/bias", bias_values, grid)
-            xin = prepare(x, in_q, "int8")
-            w.t.perm[out] = out_perm
-            y = w.t.new(out, "int8", out_q)
-            options = w.b.options(opts, fusedActivationFunction=ACTIVATION[act], **fields)
-            w.b.op(kind, [xin, wt, bias], [y], *options, version=version)
-            w.t.set_int8(out, y, out_q, out_perm)
-            return
+        if in_q is None or out_q is None:  # (its folded Relu would be lost in float)
+            raise ValueError(f"internal: static node {name!r} has no INT8 scale for its "
+                             "input or output: complete the plan first (tflite.plan.complete)")
+        values = plan.values_of(wname, fm.constant)
+        wt = w.quantized_weight(wname, params, values, layout, axis, (wname, "static"))
+        scales = np.asarray(w.b.tensors[wt].quantization.scale, np.float64)
+        channels = w.b.shape_of(wt)[axis]
+        bias_values = np.zeros(channels) if bname is None else \
+            np.asarray(plan.values_of(bname, fm.constant), np.float64).reshape(-1)
+        grid = np.float64(in_q.scale[0]) * scales
+        if grid.size == 1 and channels > 1:
+            grid = np.repeat(grid, channels)
+        bias = w.int32_bias(bname or f"{name}/bias", bias_values, grid)
+        xin = prepare(x, in_q, "int8")
+        w.t.perm[out] = out_perm
+        y = w.t.new(out, "int8", out_q)
+        options = w.b.options(opts, fusedActivationFunction=ACTIVATION[act], **fields)
+        w.b.op(kind, [xin, wt, bias], [y], *options, version=version)
+        w.t.set_int8(out, y, out_q, out_perm)
+        return
     fused = w.bias_after(node, int(w.constant(wname).shape[-1])) \
         if node.op_type == "MatMul" and bname is None else None  # (K, N): N channels
     if fused is not None:
