@@ -9,7 +9,6 @@ is on the 360 test images no stage trained or calibrated on.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -136,14 +135,9 @@ BENCHES = {"B4": bench_demo_chain, "T4": bench_lenet5_chain, "T2b": bench_gpt_qa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma-separated ids, e.g. B4,T4")
-    from run import collect, render
+    from run import standalone
 
-    rows = collect(BENCHES, parser.parse_args().only)
-    print(render(rows))
-    return 0 if all(r["pass"] for r in rows) else 1
+    return standalone(BENCHES, __doc__, "B4,T4")
 
 
 if __name__ == "__main__":

@@ -217,6 +217,16 @@ BENCHES = {"B1": bench_b1_b3, "B2": bench_b2, "B4": _module("chain", "bench_demo
            "K5": _module("tflite", "bench_k5")}
 
 
+def standalone(benches: dict, doc: str | None, example: str) -> int:
+    """``python benchmarks/<module>.py [--only ...]``: run, print the table, exit 1 on a miss."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help=f"comma-separated ids, e.g. {example}")
+    rows = collect(benches, parser.parse_args().only)
+    print(render(rows))
+    return 0 if all(r["pass"] for r in rows) else 1
+
+
 def collect(benches: dict, only: str) -> list[dict]:
     """The rows of the benchmarks ``only`` names (comma-separated ids; all if empty), each
     run in one temporary folder; an unknown id stops before any runs."""

@@ -13,7 +13,6 @@ passes them as ``eval_data`` for the report as the demo does).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import importlib.metadata as md
@@ -444,14 +443,9 @@ BENCHES = {"K1": bench_k1, "K2": bench_k2, "K3": bench_k3, "K4": bench_k4, "K5":
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma-separated ids, e.g. K1,K2")
-    from run import collect, render
+    from run import standalone
 
-    rows = collect(BENCHES, parser.parse_args().only)
-    print(render(rows))
-    return 0 if all(r["pass"] for r in rows) else 1
+    return standalone(BENCHES, __doc__, "K1,K2")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ exploration that this file does not repeat:
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import subprocess
@@ -413,15 +412,9 @@ BENCHES = {"T1": bench_distill, "T2": bench_qat, "T5": bench_bf16}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma-separated ids, e.g. T1,T5")
-    args = parser.parse_args()
-    from run import collect, render
+    from run import standalone
 
-    rows = collect(BENCHES, args.only)
-    print(render(rows))
-    return 0 if all(r["pass"] for r in rows) else 1
+    return standalone(BENCHES, __doc__, "T1,T5")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,7 @@ def choose_tflite(fm: FloatModel, plan: QuantizationPlan, selection: Dataset, *,
 
     def make(name: str, p: QuantizationPlan | None) -> Candidate:
         data = write_tflite(fm, p, io=io if p is not None else "float")
-        c = Candidate(name, p, data, TfliteSession(data, threads=threads, source=name))
-        return c
+        return Candidate(name, p, data, TfliteSession(data, threads=threads, source=name))
 
     flt = make("float", None)
     reference = run_batches(flt.session, selection)

@@ -170,11 +170,9 @@ def _weighted(w: Writer, node: onnx.NodeProto, name: str, treatment: Treatment, 
         np.asarray(fm.constant(bname), np.float32).reshape(-1)
     bias = w.float_weight(bname or f"{name}/bias", bias_values, bname or f"{name}/bias")
     xin = prepare(x, None, "float32")
-    w.t.perm[out] = out_perm
-    y = w.t.new(out, "float32")
+    y = w.t.new_float(out, out_perm)
     options = w.b.options(opts, fusedActivationFunction=ACTIVATION[act], **fields)
     w.b.op(kind, [xin, wt, bias], [y], *options, version=version)
-    w.t.set_float(out, y, out_perm)
 
 
 def batch_matmul(w: Writer, node: onnx.NodeProto, name: str) -> None:
@@ -182,10 +180,8 @@ def batch_matmul(w: Writer, node: onnx.NodeProto, name: str) -> None:
     ra, rb = len(w.t.shapes[a]), len(w.t.shapes[b])
     ia, ib = w.t.to_layout(a, identity(ra)), w.t.to_layout(b, identity(rb))
     out = node.output[0]
-    w.t.perm[out] = identity(len(w.t.shapes[out]))
-    y = w.t.new(out, "float32")
+    y = w.t.new_float(out, identity(len(w.t.shapes[out])))
     w.b.op("BATCH_MATMUL", [ia, ib], [y], *w.b.options("BatchMatMulOptions"))
-    w.t.set_float(out, y)
 
 
 def _int8_input(w: Writer, name: str, x: str) -> Any:

@@ -25,12 +25,6 @@ def _const(w: Any, node: onnx.NodeProto, k: int) -> np.ndarray | None:
     return w.constant(node.input[k]) if len(node.input) > k and node.input[k] else None
 
 
-def _out(w: Any, out: str, perm: tuple[int, ...]) -> int:
-    w.t.perm[out] = perm
-    y = w.t.new(out, "float32")
-    w.t.set_float(out, y, perm)
-    return y
-
 
 def slice_(w: Any, node: onnx.NodeProto, name: str) -> None:
     x, out = node.input[0], node.output[0]
@@ -57,7 +51,7 @@ def slice_(w: Any, node: onnx.NodeProto, name: str) -> None:
         begin[j], end[j], stride[j] = s0, e0, st
         full &= ~(1 << j)
     xin = w.t.float_of(x)
-    y = _out(w, out, perm)
+    y = w.t.new_float(out, perm)
     consts = [w.b.constant(f"{name}/{k}", np.asarray(v, np.int32))
               for k, v in (("begin", begin), ("end", end), ("strides", stride))]
     w.b.op("STRIDED_SLICE", [xin, *consts], [y], *w.b.options(
@@ -80,7 +74,7 @@ def split(w: Any, node: onnx.NodeProto, name: str) -> None:
         raise _fail(w, name, "Split", "a split of the batch axis")
     perm = w.t.layout(x)
     xin = w.t.float_of(x)
-    ys = [_out(w, o, perm) for o in node.output]
+    ys = [w.t.new_float(o, perm) for o in node.output]
     w.b.op("SPLIT_V", [xin, w.b.constant(f"{name}/sizes", np.asarray(sizes, np.int32)),
                        w.b.constant(f"{name}/axis", np.asarray(perm.index(axis), np.int32))],
            ys, *w.b.options("SplitVOptions", numSplits=len(node.output)))
@@ -93,7 +87,7 @@ def depth_to_space(w: Any, node: onnx.NodeProto, name: str) -> None:
         raise _fail(w, name, "DepthToSpace", "mode CRD (TFLite's is DCR)")
     nhwc = (0, 2, 3, 1)
     xin = w.t.to_layout(x, nhwc)
-    y = _out(w, out, nhwc)
+    y = w.t.new_float(out, nhwc)
     w.b.op("DEPTH_TO_SPACE", [xin], [y], *w.b.options(
         "DepthToSpaceOptions", blockSize=int(attr(node, "blocksize"))))
 
@@ -106,7 +100,7 @@ def tile(w: Any, node: onnx.NodeProto, name: str) -> None:
     perm = w.t.layout(x)
     physical = [int(repeats[a]) for a in perm]
     xin = w.t.float_of(x)
-    y = _out(w, out, perm)
+    y = w.t.new_float(out, perm)
     w.b.op("TILE", [xin, w.b.constant(f"{name}/multiples", np.asarray(physical, np.int32))], [y])
 
 
@@ -124,7 +118,7 @@ def gather(w: Any, node: onnx.NodeProto, name: str) -> None:
         ind = w.b.constant(f"{name}/indices", np.asarray(indices, np.int32))
     else:
         ind = w.t.float_of(idx) if idx in w.t.float else w.t.int8[idx][0]
-    y = _out(w, out, identity(len(w.t.shapes[out])))
+    y = w.t.new_float(out, identity(len(w.t.shapes[out])))
     w.b.op("GATHER", [params, ind], [y], *w.b.options("GatherOptions", axis=axis))
 
 
@@ -137,7 +131,7 @@ def expand(w: Any, node: onnx.NodeProto, name: str) -> None:
         raise _fail(w, name, "Expand", "an input of higher rank than the output")
     zeros = np.zeros((1, *w.t.shapes[out][1:]), np.float32)
     xin = w.t.to_layout(x, identity(len(w.t.shapes[x])))
-    y = _out(w, out, identity(rank))
+    y = w.t.new_float(out, identity(rank))
     w.b.op("ADD", [xin, w.b.constant(f"{name}/zeros", zeros)], [y], *w.b.options("AddOptions"))
 
 

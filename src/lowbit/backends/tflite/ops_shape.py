@@ -71,12 +71,6 @@ def reshape(w: Any, node: onnx.NodeProto, name: str) -> None:
         w.t.set_float(out, y)
 
 
-def _float_out(w: Any, out: str, perm: tuple[int, ...]) -> int:
-    w.t.perm[out] = perm
-    y = w.t.new(out, "float32")
-    w.t.set_float(out, y, perm)
-    return y
-
 
 def unary(w: Any, node: onnx.NodeProto, name: str) -> None:
     x, out = node.input[0], node.output[0]
@@ -85,7 +79,7 @@ def unary(w: Any, node: onnx.NodeProto, name: str) -> None:
                                  f"{attr(node, 'alpha', 1.0)}: TFLite's ELU has alpha 1")
     kind = UNARY[node.op_type]
     xin = w.t.float_of(x)
-    y = _float_out(w, out, w.t.layout(x))
+    y = w.t.new_float(out, w.t.layout(x))
     w.b.op(kind, [xin], [y])
 
 
@@ -96,7 +90,7 @@ def clip(w: Any, node: onnx.NodeProto, name: str) -> None:
     xin = w.t.float_of(x)
     perm = w.t.layout(x)
     if (lo, hi) == (0.0, 6.0):
-        w.b.op("RELU6", [xin], [_float_out(w, out, perm)])
+        w.b.op("RELU6", [xin], [w.t.new_float(out, perm)])
         return
     cur = xin
     for bound, kind in ((lo, "MAXIMUM"), (hi, "MINIMUM")):
@@ -104,7 +98,7 @@ def clip(w: Any, node: onnx.NodeProto, name: str) -> None:
             continue
         c = w.b.constant(f"{name}/{kind.lower()}", np.asarray(bound, np.float32))
         last = kind == "MINIMUM" or hi is None
-        y = _float_out(w, out, perm) if last else w.b.tensor(
+        y = w.t.new_float(out, perm) if last else w.b.tensor(
             f"{out}/lo", w.t.physical_shape(x), "float32")
         w.b.op(kind, [cur, c], [y])
         cur = y
@@ -115,7 +109,7 @@ def clip(w: Any, node: onnx.NodeProto, name: str) -> None:
 def leaky_relu(w: Any, node: onnx.NodeProto, name: str) -> None:
     x, out = node.input[0], node.output[0]
     xin = w.t.float_of(x)
-    y = _float_out(w, out, w.t.layout(x))
+    y = w.t.new_float(out, w.t.layout(x))
     w.b.op("LEAKY_RELU", [xin], [y], *w.b.options("LeakyReluOptions",
                                                   alpha=float(attr(node, "alpha", 0.01))))
 
@@ -145,7 +139,7 @@ def binary(w: Any, node: onnx.NodeProto, name: str) -> None:
         perm = identity(rank)
     ia, ib = _operand(w, a, perm, rank), _operand(w, b, perm, rank)
     kind = BINARY[node.op_type]
-    y = _float_out(w, out, perm)
+    y = w.t.new_float(out, perm)
     opts = w.b.options(BINARY_OPTIONS[kind]) if kind in BINARY_OPTIONS else (None, 0)
     w.b.op(kind, [ia, ib], [y], *opts)
 
@@ -158,7 +152,7 @@ def concat(w: Any, node: onnx.NodeProto, name: str) -> None:
     perm = w.t.layout(first)
     ins = [_operand(w, x, perm, rank) if w.constant(x) is not None else w.t.to_layout(x, perm)
            for x in node.input]
-    y = _float_out(w, out, perm)
+    y = w.t.new_float(out, perm)
     w.b.op("CONCATENATION", ins, [y], *w.b.options("ConcatenationOptions",
                                                    axis=perm.index(axis)))
 
@@ -184,7 +178,7 @@ def resize(w: Any, node: onnx.NodeProto, name: str) -> None:
         raise UnsupportedOpError(f"{w.source}: node {name!r} (Resize): only nearest "
                                  "upsampling of H and W by whole factors")
     xin = w.t.to_layout(x, (0, 2, 3, 1))
-    y = _float_out(w, out, (0, 2, 3, 1))
+    y = w.t.new_float(out, (0, 2, 3, 1))
     size = w.b.constant(f"{name}/size", np.asarray(w.t.shapes[out][2:], np.int32))
     w.b.op("RESIZE_NEAREST_NEIGHBOR", [xin, size], [y],
            *w.b.options("ResizeNearestNeighborOptions", alignCorners=False))
@@ -201,7 +195,7 @@ def softmax(w: Any, node: onnx.NodeProto, name: str) -> None:
             raise UnsupportedOpError(f"{w.source}: node {name!r} (Softmax) over axis {axis} "
                                      "of a tensor whose last axis is another")
     xin = w.t.to_layout(x, perm)
-    y = _float_out(w, out, perm)
+    y = w.t.new_float(out, perm)
     if node.op_type == "LogSoftmax":
         w.b.op("LOG_SOFTMAX", [xin], [y])
     else:
@@ -223,7 +217,7 @@ def pad(w: Any, node: onnx.NodeProto, name: str) -> None:
     perm = w.t.layout(x)
     amounts = np.ascontiguousarray(pads[list(perm)], dtype=np.int32)
     xin = w.t.float_of(x)
-    y = _float_out(w, out, perm)
+    y = w.t.new_float(out, perm)
     pads_t = w.b.constant(f"{name}/pads", amounts)
     if mode == "reflect":
         w.b.op("MIRROR_PAD", [xin, pads_t], [y], *w.b.options("MirrorPadOptions", mode=0))
@@ -253,7 +247,7 @@ def reduce(w: Any, node: onnx.NodeProto, name: str) -> None:
         left = [perm[j] for j in range(rank) if j not in physical]
         out_perm = tuple(a - sum(1 for r in axes if r < a) for a in left)
     xin = w.t.float_of(x)
-    y = _float_out(w, out, out_perm)
+    y = w.t.new_float(out, out_perm)
     w.b.op(REDUCE[node.op_type], [xin, w.b.constant(f"{name}/axes", np.asarray(
         physical, np.int32))], [y], *w.b.options("ReducerOptions", keepDims=keep))
 

@@ -81,6 +81,14 @@ class TensorTable:
             label = name if dtype == "float32" else f"{name}/{dtype}"
         return self.b.tensor(label, shape, dtype, quant=quant, signature=sig)
 
+    def new_float(self, name: str, perm: tuple[int, ...]) -> int:
+        """A fresh float tensor for ONNX tensor ``name`` stored in layout ``perm``,
+        registered as its float version (an op's output)."""
+        self.perm[name] = perm
+        index = self.new(name, "float32")
+        self.float[name] = index
+        return index
+
     # ------------------------------------------------------------------ versions
     def set_float(self, name: str, index: int, perm: tuple[int, ...] | None = None) -> None:
         self.float[name] = index
